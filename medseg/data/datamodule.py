@@ -1,0 +1,213 @@
+"""MSDDataModule: any Medical Segmentation Decathlon folder (dataset.json + imagesTr/ + labelsTr/)."""
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import monai
+import nibabel as nib
+import numpy as np
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, load_decathlon_datalist
+from monai.transforms import Compose
+
+from medseg.data.checks import check_dataset
+from medseg.data.synthetic import write_synthetic_dataset
+from medseg.data.transforms import augment, preprocess
+
+log = logging.getLogger(__name__)
+
+
+class MSDDataModule(pl.LightningDataModule):
+    """Reads channels, label names and the training list from `root/dataset.json`.
+
+    Args:
+        root: the MSD folder.
+        patch_size: training patch (and sliding-window ROI) in voxels at the target spacing.
+        spacing: target spacing in mm; None = the dataset's median spacing (nnU-Net's default).
+        batch_size: images per training batch; each yields `num_samples` patches, so a batch holds
+            `batch_size * num_samples` patches.
+        num_samples, pos, neg, flip_axes, affine_prob, intensity_prob: see `medseg.data.transforms.augment`.
+        val_fraction: share of cases held out when `num_folds` is None.
+        fold, num_folds: k-fold split instead (fold in [0, num_folds)).
+        cache: "persistent" (on disk, survives runs), "memory" (CacheDataset) or "none".
+        cache_dir: where persistent caches live; one subfolder per dataset and preprocessing.
+        synthesize: kwargs for `write_synthetic_dataset`; when given and `root` has no dataset.json, the
+            synthetic dataset is written there first.
+        validate: check the whole dataset (every file) before training and fail with every problem listed.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        patch_size: Sequence[int] = (64, 64, 64),
+        spacing: Sequence[float] | None = None,
+        batch_size: int = 2,
+        num_samples: int = 2,
+        pos: float = 2.0,
+        neg: float = 1.0,
+        flip_axes: Sequence[int] = (0, 1, 2),
+        affine_prob: float = 0.2,
+        intensity_prob: float = 0.15,
+        ct_window: Sequence[float] = (-1000.0, 1000.0),
+        val_fraction: float = 0.2,
+        fold: int = 0,
+        num_folds: int | None = None,
+        seed: int = 0,
+        cache: str = "persistent",
+        cache_dir: str | None = None,
+        num_workers: int = 2,
+        synthesize: dict | None = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        if cache not in ("persistent", "memory", "none"):
+            raise ValueError(f"data.cache must be 'persistent', 'memory' or 'none', got {cache!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if num_folds is not None and not 0 <= fold < num_folds:
+            raise ValueError(f"data.fold must be in [0, data.num_folds={num_folds}), got {fold}")
+        self.root = Path(root).expanduser()
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.batch_size, self.num_samples, self.num_workers = batch_size, num_samples, num_workers
+        self.aug = dict(
+            num_samples=num_samples,
+            pos=pos,
+            neg=neg,
+            flip_axes=tuple(flip_axes),
+            affine_prob=affine_prob,
+            intensity_prob=intensity_prob,
+        )
+        self.ct_window = tuple(ct_window)
+        self.val_fraction, self.fold, self.num_folds, self.seed = val_fraction, fold, num_folds, seed
+        self.cache = cache
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root / ".medseg_cache"
+
+        if synthesize is not None and not (self.root / "dataset.json").exists():
+            log.info("Writing the synthetic dataset to %s", self.root)
+            write_synthetic_dataset(self.root, **synthesize)
+        if validate:
+            check_dataset(self.root).raise_if_errors()
+        elif not (self.root / "dataset.json").is_file():
+            raise FileNotFoundError(f"{self.root / 'dataset.json'}: no dataset.json (data.root={root})")
+        self.meta = json.loads((self.root / "dataset.json").read_text())
+        self.spacing = tuple(float(s) for s in spacing) if spacing is not None else self.median_spacing()
+        self.train_files: list[dict] = []
+        self.val_files: list[dict] = []
+
+    # What the model needs to know about the data, straight from dataset.json.
+    @property
+    def modalities(self) -> list[str]:
+        return [self.meta["modality"][k] for k in sorted(self.meta["modality"], key=int)]
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.meta["modality"])
+
+    @property
+    def label_names(self) -> list[str]:
+        """Names of classes 0..N-1 (0 is background)."""
+        return [self.meta["labels"][k] for k in sorted(self.meta["labels"], key=int)]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["labels"])
+
+    @property
+    def modality(self) -> str:
+        """CT normalisation when every channel is CT, else MRI-style z-score."""
+        return "CT" if all(m.upper() == "CT" for m in self.modalities) else "MRI"
+
+    def datalist(self) -> list[dict]:
+        return load_decathlon_datalist(self.root / "dataset.json", data_list_key="training", base_dir=self.root)
+
+    def median_spacing(self) -> tuple[float, float, float]:
+        """Median voxel spacing in RAS axis order, from the headers only (fast)."""
+        zooms = []
+        for item in self.datalist():
+            img = nib.load(item["image"])
+            # Spacing per RAS axis: reorder the voxel axes as Orientationd will.
+            ornt = nib.orientations.io_orientation(img.affine)
+            vox = np.asarray(img.header.get_zooms()[:3], dtype=float)
+            ras = np.empty(3)
+            ras[ornt[:, 0].astype(int)] = vox
+            zooms.append(ras)
+        return tuple(float(z) for z in np.median(np.stack(zooms), axis=0))
+
+    def split(self) -> tuple[list[dict], list[dict]]:
+        """A seeded shuffle, then either the last `val_fraction` or fold `fold` of `num_folds` for validation."""
+        items = self.datalist()
+        order = np.random.default_rng(self.seed).permutation(len(items))
+        if self.num_folds is None:
+            n_val = max(1, round(len(items) * self.val_fraction))
+            val_idx = set(order[len(items) - n_val :].tolist())
+        else:
+            val_idx = set(np.array_split(order, self.num_folds)[self.fold].tolist())
+        train = [items[i] for i in order if i not in val_idx]
+        val = [items[i] for i in sorted(val_idx)]
+        if not train:
+            raise ValueError(f"{self.root}: too few cases ({len(items)}) to hold out a validation split")
+        return train, val
+
+    def preprocessing(self, with_label: bool = True) -> Compose:
+        return preprocess(self.spacing, self.modality, self.patch_size, self.ct_window, with_label=with_label)
+
+    def cache_key(self) -> str:
+        """Preprocessing settings that change the cached arrays; a change gets a fresh cache folder."""
+        spec = {
+            "spacing": self.spacing,
+            "modality": self.modality,
+            "patch": self.patch_size,
+            "ct_window": self.ct_window,
+            "monai": monai.__version__,
+            "version": 1,
+        }
+        return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+    def _dataset(self, files: list[dict], transform: Compose) -> Dataset:
+        if self.cache == "persistent":
+            cache_dir = self.cache_dir / self.cache_key()
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            return PersistentDataset(files, transform=transform, cache_dir=cache_dir)
+        if self.cache == "memory":
+            return CacheDataset(files, transform=transform, num_workers=self.num_workers or None, progress=False)
+        return Dataset(files, transform=transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_files:
+            return
+        self.train_files, self.val_files = self.split()
+        log.info(
+            "%s: %d train / %d val cases, spacing %s, patch %s, %d channel(s) %s, classes %s",
+            self.root.name,
+            len(self.train_files),
+            len(self.val_files),
+            self.spacing,
+            self.patch_size,
+            self.in_channels,
+            self.modalities,
+            self.label_names,
+        )
+        # Deterministic steps come first so the cached datasets hold them; augmentation runs on top.
+        train_tf = Compose([self.preprocessing(), augment(self.patch_size, **self.aug)]).flatten()
+        self.train_set = self._dataset(self.train_files, train_tf)
+        self.val_set = self._dataset(self.val_files, self.preprocessing())
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=len(self.train_files) >= self.batch_size,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        # Whole volumes of different sizes: one per batch, sliding-window inference does the tiling.
+        return DataLoader(self.val_set, batch_size=1, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

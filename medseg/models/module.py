@@ -1,0 +1,110 @@
+"""SegmentationModule: a MONAI network, its loss, optimizer and schedule, and sliding-window validation."""
+
+from collections.abc import Callable, Sequence
+
+import lightning.pytorch as pl
+import torch
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.networks.utils import one_hot
+from torch import nn
+
+
+class SegmentationModule(pl.LightningModule):
+    """Args:
+    net: a 3D network mapping (B, C_in, X, Y, Z) to (B, C_out, X, Y, Z) logits; with deep supervision
+        (MONAI DynUNet in training mode) (B, S, C_out, X, Y, Z), head 0 the full-resolution output.
+    loss: called as loss(logits float32, labels (B, 1, X, Y, Z) class indices).
+    optimizer: partial optimizer, called with the parameters.
+    scheduler: partial `medseg.models.schedule.warmup_decay`, called with the optimizer and total steps.
+    label_names: class names, index 0 background (from dataset.json).
+    roi_size: sliding-window ROI, the training patch size.
+    sw_batch_size, overlap, sw_mode: `monai.inferers.sliding_window_inference` settings.
+    inference: what `medseg.predict` needs to rebuild the net and preprocessing (net config, spacing,
+        modality...); only stored in the checkpoint's hyper-parameters.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        label_names: Sequence[str] = ("background", "foreground"),
+        roi_size: Sequence[int] = (64, 64, 64),
+        sw_batch_size: int = 4,
+        overlap: float = 0.5,
+        sw_mode: str = "gaussian",
+        inference: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
+        self.net, self.loss_fn = net, loss
+        self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
+        self.label_names = list(label_names)
+        self.dice = DiceMetric(include_background=False, reduction="mean_batch")
+        self.hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Loss reductions in FP32 whatever the weights are: a Dice sum over a 3D patch overflows FP16.
+        if logits.ndim == labels.ndim + 1:  # deep supervision heads, weighted 1, 1/2, 1/4... as in nnU-Net
+            weights = [0.5**i for i in range(logits.shape[1])]
+            total = sum(w * self.loss_fn(logits[:, i].float(), labels) for i, w in enumerate(weights))
+            return total / sum(weights)
+        return self.loss_fn(logits.float(), labels)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(self.net(batch["image"]), batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Whole-volume logits, float32 (B, C_out, X, Y, Z), by gaussian-blended sliding windows."""
+        return sliding_window_inference(
+            image,
+            roi_size=self.hparams.roi_size,
+            sw_batch_size=self.hparams.sw_batch_size,
+            predictor=lambda patch: self.net(patch).float(),
+            overlap=self.hparams.overlap,
+            mode=self.hparams.sw_mode,
+        )
+
+    def _one_hot_pair(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.predict_logits(batch["image"])
+        n = len(self.label_names)
+        return one_hot(logits.argmax(1, keepdim=True), n), one_hot(batch["label"].long(), n)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.dice(*self._one_hot_pair(batch))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        pred, target = self._one_hot_pair(batch)
+        self.dice(pred, target)
+        # Validation volumes are at the target spacing, so this makes HD95 millimetres.
+        spacing = (self.hparams.inference or {}).get("spacing")
+        self.hd95(pred, target, spacing=spacing)
+
+    def _log_per_class(self, stage: str, name: str, metric) -> torch.Tensor:
+        values = metric.aggregate()
+        metric.reset()
+        self.log(f"{stage}/{name}", values.nanmean(), prog_bar=stage == "val", sync_dist=True)
+        for label, value in zip(self.label_names[1:], values, strict=True):
+            self.log(f"{stage}/{name}/{label}", value, sync_dist=True)
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_per_class("val", "dice", self.dice)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_per_class("test", "dice", self.dice)
+        self._log_per_class("test", "hd95", self.hd95)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_fn(self.parameters())
+        if self.scheduler_fn is None:
+            return optimizer
+        scheduler = self.scheduler_fn(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
