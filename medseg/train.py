@@ -38,6 +38,11 @@ def build_model(cfg: DictConfig, datamodule) -> pl.LightningModule:
     return make_module(label_names=datamodule.label_names, roi_size=list(datamodule.patch_size), inference=inference)
 
 
+def instantiate_each(section: DictConfig | None) -> list:
+    """Objects of a `name: {_target_: ...}` group; `name: null` switches one off (`callbacks.progress_bar=null`)."""
+    return [instantiate(c) for c in (section or {}).values() if c is not None]
+
+
 def precision_kwargs(cfg: DictConfig) -> dict:
     """Trainer kwargs for the chosen `+precision=`: either Lightning's own `precision=` or our plugin (never
     both: Lightning raises when given a precision and a precision plugin)."""
@@ -89,8 +94,7 @@ def train(cfg: DictConfig) -> float | None:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks, loggers = instantiate_each(cfg.get("callbacks")), instantiate_each(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **precision_kwargs(cfg))
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -47,7 +47,7 @@ def make_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np
 
     # The lesion sits inside the organ, at most halfway to its boundary, so it never leaves it.
     offset = rot @ (rng.uniform(-0.4, 0.4, 3) * radii)
-    tumour_radii = rng.uniform(0.3, 0.45, 3) * radii.min()
+    tumour_radii = rng.uniform(0.4, 0.55, 3) * radii.min()
     tumour = _ellipsoid(shape, centre + offset, tumour_radii, _random_rotation(rng)) & organ
 
     label = np.zeros(shape, np.uint8)

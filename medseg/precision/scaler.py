@@ -1,7 +1,7 @@
 """Dynamic loss scaling for FP16 training, with Megatron-style hysteresis. Pure torch, no Lightning.
 
-The scale lives on the host as a Python float: it only changes on growth or backoff, and the plugin has to sync
-once per step anyway to decide whether to skip, so keeping it on the device would buy nothing.
+The scale lives on the host as a Python float: it only changes on growth or backoff, and the plugin has to
+sync once per step anyway to decide whether to skip, so keeping it on the device would buy nothing.
 """
 
 from typing import Any
@@ -12,11 +12,11 @@ import torch
 class DynamicLossScaler:
     """Loss scale that backs off on overflow and grows after ``growth_interval`` clean steps.
 
-    With ``hysteresis=1`` the trajectory is exactly ``torch.amp.GradScaler``'s (same argument names and defaults).
-    ``hysteresis=h`` follows Megatron-LM's ``DynamicGradScaler``: the first ``h - 1`` overflows after a growth (or
-    after the start) are tolerated, i.e. the step is skipped but the scale is kept; from the ``h``-th on, every
-    overflow backs off until the next growth resets the count. This keeps one noisy batch from halving the scale
-    while still backing off quickly when the scale really is too high.
+    With ``hysteresis=1`` the trajectory is exactly ``torch.amp.GradScaler``'s (same argument names and
+    defaults). ``hysteresis=h`` follows Megatron-LM's ``DynamicGradScaler``: the first ``h - 1`` overflows
+    after a growth (or after the start) are tolerated: the step is skipped but the scale is kept; from the
+    ``h``-th on, every overflow backs off until the next growth resets the count. This keeps one noisy batch
+    from halving the scale while still backing off quickly when the scale really is too high.
 
     Args:
         init_scale: starting scale.
@@ -45,7 +45,8 @@ class DynamicLossScaler:
         if min_scale > max_scale:
             raise ValueError(f"min_scale ({min_scale}) must be <= max_scale ({max_scale})")
         if not min_scale <= init_scale <= max_scale:
-            raise ValueError(f"init_scale ({init_scale}) must lie in [min_scale, max_scale] = [{min_scale}, {max_scale}]")
+            bounds = f"[min_scale, max_scale] = [{min_scale}, {max_scale}]"
+            raise ValueError(f"init_scale ({init_scale}) must lie in {bounds}")
         if not growth_factor > 1:
             raise ValueError(f"growth_factor must be > 1, got {growth_factor}")
         if not 0 < backoff_factor < 1:
@@ -122,7 +123,7 @@ class DynamicLossScaler:
                 self._set_scale(min(self._scale * self.growth_factor, self.max_scale))
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything that changes during training, as Python numbers (safe for ``torch.load(weights_only=True)``).
+        """Everything that changes during training, as Python numbers (loads with ``weights_only=True``).
 
         The configuration (factors, interval, bounds) is not saved: on resume it comes from the constructor.
         """
@@ -145,4 +146,5 @@ class DynamicLossScaler:
 
     def __repr__(self) -> str:
         mode = "dynamic" if self.dynamic else "static"
-        return f"{type(self).__name__}(scale={self._scale}, {mode}, overflows={self.overflows}, steps={self.steps})"
+        counts = f"overflows={self.overflows}, steps={self.steps}"
+        return f"{type(self).__name__}(scale={self._scale}, {mode}, {counts})"

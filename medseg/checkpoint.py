@@ -1,0 +1,46 @@
+"""Loading checkpoints for inference: weights_only by default, FP32 weights whatever precision trained them."""
+
+import pickle
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read; the message names the file and why."""
+
+
+def load_checkpoint(path: str | Path, allow_unsafe: bool = False) -> dict:
+    """Read a Lightning checkpoint with `torch.load(weights_only=True)`.
+
+    A file that needs full unpickling (it could run code) is refused unless `allow_unsafe`; a truncated or
+    non-checkpoint file gets a CheckpointError naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not allow_unsafe:
+            raise CheckpointError(
+                f"{path}: refusing to unpickle objects other than tensors and plain containers ({err}). "
+                "If you made this file yourself, pass allow_unsafe_checkpoint=true."
+            ) from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {err}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    if "inference" not in (ckpt.get("hyper_parameters") or {}):
+        raise CheckpointError(f"{path}: not a medseg checkpoint (no hyper_parameters.inference)")
+    return ckpt
+
+
+def fp32_net_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The network's weights in FP32: the plugin's FP32 masters where the checkpoint has them (a `mixed` run
+    saves FP16/BF16 weights in `state_dict`), else the saved weights cast to float32."""
+    from medseg.precision.export import fp32_state_dict
+
+    state = fp32_state_dict(ckpt)
+    return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}

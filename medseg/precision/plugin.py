@@ -1,0 +1,425 @@
+"""Lightning precision plugin: FP16/BF16 weights and activations, FP32 master weights, dynamic loss scaling.
+
+Unlike Lightning's ``"16-true"``/``"bf16-true"`` (no masters: updates smaller than half an ulp of the weight
+are lost) and ``"16-mixed"`` (autocast: FP32 weights, casts on every op), the model itself is held in the low
+dtype and the optimizer steps FP32 copies of its weights, the Apex-O2 / Megatron recipe.
+
+Lightning's hook order, which the design follows (``Strategy.setup`` then ``_run``):
+``convert_module`` -> ``configure_optimizers`` (optimizer built on the low-precision params) -> ``connect``
+(masters made here, optimizer re-pointed to them) -> on resume: ``load_state_dict`` (plugin state) -> loops ->
+optimizer ``load_state_dict`` (lands on the masters, since they are what ``param_groups`` holds).
+"""
+
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_utilities import apply_to_collection
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from medseg.precision.scaler import DynamicLossScaler
+
+log = logging.getLogger(__name__)
+
+# Normalisation statistics (means and variances over many voxels) lose too much in low precision, so these
+# layers keep FP32 weights and compute in FP32. _NormBase covers BatchNorm*, SyncBatchNorm and InstanceNorm*,
+# which are also what MONAI's Norm factory returns.
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# Loss modules (torch's and MONAI's derive from _Loss) keep FP32 buffers such as class weights and compute in
+# FP32: softmax/log of low-precision logits is where FP16 hurts most, and a FP16 class weight next to FP32
+# logits would not even run. Their output stays FP32.
+LOSS_TYPES: tuple[type[nn.Module], ...] = (nn.modules.loss._Loss,)
+LOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _cast_floating(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    # integer tensors (labels, counters like num_batches_tracked) must keep their dtype
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return apply_to_collection((args, kwargs), Tensor, _cast_floating, torch.float32)
+
+
+def _output_to(module: nn.Module, args: tuple[Any, ...], output: Any, dtype: torch.dtype) -> Any:
+    return _cast_floating(output, dtype) if isinstance(output, Tensor) else output
+
+
+def _lightning_module(model: nn.Module) -> "pl.LightningModule | None":
+    # under DDP `connect` gets the DistributedDataParallel wrapper
+    return next((m for m in model.modules() if isinstance(m, pl.LightningModule)), None)
+
+
+@dataclass
+class _Masters:
+    """One optimizer's parameters, in ``param_groups`` order.
+
+    ``model_params[i]`` is the model's tensor (low precision, or FP32 for norm layers) and
+    ``master_params[i]`` its FP32 master (the same object where the model's tensor is already FP32).
+    ``low_model``/``low_master`` are the pairs that differ, aligned, for the multi-tensor copies.
+    """
+
+    names: list[str]
+    model_params: list[Tensor]
+    master_params: list[Tensor]
+    low_model: list[Tensor]
+    low_master: list[Tensor]
+    fp32_params: list[Tensor]
+    # FP32 gradients of low_master, allocated on the first step and reused: zero_grad only drops the reference
+    grad_buffers: list[Tensor] | None = None
+
+
+class MixedPrecision(Precision):
+    """FP16/BF16 model with FP32 master weights and loss scaling, for automatic optimization.
+
+    Norm layers (BatchNorm, InstanceNorm, GroupNorm, LayerNorm) keep FP32 weights and compute in FP32 between
+    two casts; loss modules compute in FP32 and return FP32; everything else runs in the low dtype.
+    ``trainer.precision`` reads ``"16-true"``/``"bf16-true"``, the dtype the model's weights are held in; tell
+    this plugin apart from Lightning's with ``isinstance``.
+
+    After each optimizer step ``last_step`` holds ``{"loss_scale": float (the scale for the next step),
+    "overflow": 0 | 1, "skipped_steps": int}`` plus, with ``track_grad_norm``, ``"grad_norm"``: the unscaled
+    FP32 gradient norm before clipping, a 0-dim tensor left on the device (convert it only when logging).
+
+    Args:
+        dtype: ``"float16"``, ``"bfloat16"`` or ``"auto"`` (float16 on CUDA, bfloat16 otherwise; resolved in
+            ``convert_module`` once the trainer's device is known).
+        scaler: loss scaler; ``None`` gives ``DynamicLossScaler()`` for float16 and a static scale of 1 for
+            bfloat16 (whose range does not need scaling; pass a dynamic scaler to scale anyway).
+        max_consecutive_skips: raise once this many steps in a row had inf/NaN gradients (also raised when the
+            scale is already at ``min_scale`` and still overflows): training must not go on with NaN.
+        track_grad_norm: compute ``last_step["grad_norm"]`` (one extra read of the gradients per step).
+    """
+
+    precision = "32-true"  # set to "16-true" / "bf16-true" once the dtype is known
+
+    def __init__(
+        self,
+        dtype: Literal["auto", "float16", "bfloat16"] = "auto",
+        scaler: DynamicLossScaler | None = None,
+        max_consecutive_skips: int = 50,
+        track_grad_norm: bool = False,
+    ) -> None:
+        if dtype != "auto" and dtype not in LOW_DTYPES:
+            raise ValueError(f"dtype must be 'auto', 'float16' or 'bfloat16', got {dtype!r}")
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
+        self.dtype_name = dtype
+        self.scaler = scaler
+        self.max_consecutive_skips = max_consecutive_skips
+        self.track_grad_norm = track_grad_norm
+        self.last_step: dict[str, Any] = {}
+        self._dtype: torch.dtype | None = None
+        self._masters: list[tuple[Optimizer, _Masters]] = []
+        self._pending_state: dict[str, Any] | None = None  # plugin state loaded before connect() made masters
+        self._hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules that already have our hooks
+        if dtype != "auto":
+            self._set_dtype(dtype)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The low dtype (``torch.float16``/``torch.bfloat16``), ``None`` while ``"auto"`` is unresolved."""
+        return self._dtype
+
+    def _set_dtype(self, name: str) -> None:
+        self.dtype_name = name
+        self._dtype = LOW_DTYPES[name]
+        self.precision = "16-true" if name == "float16" else "bf16-true"
+        if self.scaler is None:
+            fp16 = name == "float16"
+            self.scaler = DynamicLossScaler() if fp16 else DynamicLossScaler(init_scale=1.0, dynamic=False)
+
+    def _resolve_dtype(self, module: nn.Module) -> None:
+        if self._dtype is not None:
+            return
+        # strategies convert the module before moving it to the device, so ask the trainer where it will run
+        lightning_module = _lightning_module(module)
+        if lightning_module is not None and lightning_module._trainer is not None:
+            device_type = lightning_module._trainer.strategy.root_device.type
+        else:
+            param = next(module.parameters(), None)
+            cuda = torch.cuda.is_available() if param is None else param.device.type == "cuda"
+            device_type = "cuda" if cuda else "cpu"
+        self._set_dtype("float16" if device_type == "cuda" else "bfloat16")
+        log.info("MixedPrecision: dtype='auto' resolved to %s on %r", self.dtype_name, device_type)
+
+    @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Cast ``module`` to the low dtype in place, except norm layers and losses: FP32 weights, FP32 compute.
+
+        In place because ``DDPStrategy.setup`` ignores the return value.
+        """
+        self._resolve_dtype(module)
+        assert self._dtype is not None
+        low = self._dtype
+        for m in module.modules():
+            # `_apply(recurse=False)` is what `Module.to` uses, one module at a time, so norm weights are
+            # never rounded through the low dtype and the Parameter objects keep their identity
+            if isinstance(m, NORM_TYPES + LOSS_TYPES):
+                m._apply(partial(_cast_floating, dtype=torch.float32), recurse=False)
+                if m not in self._hooked:
+                    m.register_forward_pre_hook(_inputs_to_fp32, with_kwargs=True)
+                    if isinstance(m, NORM_TYPES):
+                        m.register_forward_hook(partial(_output_to, dtype=low))
+                    self._hooked.add(m)
+            else:
+                m._apply(partial(_cast_floating, dtype=low), recurse=False)
+        return module
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        """Cast the floating tensors of a batch to the low dtype; integer tensors (labels) are left alone."""
+        if self._dtype is None:
+            return data
+        return apply_to_collection(data, Tensor, _cast_floating, self._dtype)
+
+    @override
+    def connect(
+        self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
+    ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
+        """Make an FP32 master for each low-precision parameter and point the optimizers at the masters."""
+        lightning_module = _lightning_module(model)
+        if lightning_module is not None and not lightning_module.automatic_optimization:
+            raise MisconfigurationException(
+                "MixedPrecision supports automatic optimization only; this LightningModule sets"
+                " `automatic_optimization = False`. Use Lightning's precision='16-mixed' or 'bf16-mixed'."
+            )
+        self._resolve_dtype(model)
+        names = {p: n for n, p in (lightning_module or model).named_parameters()}
+        masters_of: dict[Tensor, Tensor] = {}  # a parameter shared by two optimizers gets one master
+        self._masters = []
+        for optimizer in optimizers:
+            if isinstance(optimizer, torch.optim.LBFGS):
+                raise MisconfigurationException("MixedPrecision and the LBFGS optimizer are not compatible.")
+            model_params: list[Tensor] = []
+            master_params: list[Tensor] = []
+            for group in optimizer.param_groups:
+                group_masters = []
+                for p in group["params"]:
+                    if p not in masters_of:
+                        masters_of[p] = self._make_master(p)
+                    group_masters.append(masters_of[p])
+                model_params.extend(group["params"])
+                master_params.extend(group_masters)
+                group["params"] = group_masters
+            # state of an optimizer that already stepped follows its parameters, in FP32 like them
+            for p, m in zip(model_params, master_params, strict=True):
+                if p is not m and p in optimizer.state:
+                    state = optimizer.state.pop(p)
+                    optimizer.state[m] = apply_to_collection(state, Tensor, _cast_floating, torch.float32)
+            low = [(p, m) for p, m in zip(model_params, master_params, strict=True) if p is not m]
+            entry = _Masters(
+                names=[names.get(p, "") for p in model_params],
+                model_params=model_params,
+                master_params=master_params,
+                low_model=[p for p, _ in low],
+                low_master=[m for _, m in low],
+                fp32_params=[p for p, m in zip(model_params, master_params, strict=True) if p is m],
+            )
+            self._masters.append((optimizer, entry))
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
+        return model, optimizers, lr_schedulers
+
+    @staticmethod
+    def _make_master(param: Tensor) -> Tensor:
+        if param.dtype not in LOW_DTYPES.values():
+            return param  # FP32 (norm layers) is its own master
+        # own storage: the master must not alias the low-precision weight it is copied into after each step
+        return nn.Parameter(param.detach().to(torch.float32, copy=True), requires_grad=param.requires_grad)
+
+    def _entry(self, optimizer: Optimizer) -> _Masters:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap a LightningOptimizer
+        for opt, entry in self._masters:
+            if opt is optimizer:
+                return entry
+        raise RuntimeError("MixedPrecision: `connect()` never saw this optimizer; it has no FP32 masters.")
+
+    def param_pairs(self, optimizer: Optimizer) -> tuple[list[Tensor], list[Tensor]]:
+        """``(model_params, master_params)`` of ``optimizer``, aligned; norm params are their own masters."""
+        entry = self._entry(optimizer)
+        return entry.model_params, entry.master_params
+
+    @property
+    def model_params(self) -> list[Tensor]:
+        """The model's parameters of every optimizer, in ``param_groups`` order."""
+        return [p for _, entry in self._masters for p in entry.model_params]
+
+    @property
+    def master_params(self) -> list[Tensor]:
+        """The FP32 masters of every optimizer, aligned with ``model_params``."""
+        return [p for _, entry in self._masters for p in entry.master_params]
+
+    @override
+    def main_params(self, optimizer: Optimizer) -> list[Tensor]:
+        """The FP32 masters: gradient clipping sees unscaled FP32 gradients."""
+        return self._entry(optimizer).master_params
+
+    @override
+    def pre_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
+        assert self.scaler is not None
+        if self.scaler.scale != 1.0:
+            tensor = tensor * self.scaler.scale
+        return super().pre_backward(tensor, module)
+
+    @override
+    def optimizer_step(  # type: ignore[override]
+        self,
+        optimizer: Optimizer,
+        model: "pl.LightningModule",
+        closure: Callable[[], Any],
+        **kwargs: Any,
+    ) -> Any:
+        """Backward (in the closure), unscale into the FP32 masters, skip on inf/NaN, else step, copy back."""
+        assert self.scaler is not None
+        closure_result = closure()
+        if closure_result is None:
+            # `training_step` returned None: nothing to step (as in Lightning's AMP plugin); drop gradients that
+            # earlier accumulation batches left, since Lightning's zero_grad only reaches the masters
+            for p in self._entry(optimizer).low_model:
+                p.grad = None
+            return None
+
+        entry = self._entry(optimizer)
+        grads = self._grads_to_masters(entry)
+        overflow = False
+        grad_norm: Tensor | None = None
+        if grads:
+            device = grads[0].device
+            found_inf = torch.zeros(1, device=device)
+            inv_scale = self.scaler.inv_scale_tensor(device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+            if dist.is_available() and dist.is_initialized():
+                # every rank must take the same decision, or the replicas drift apart
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+            overflow = bool(found_inf.item())  # the step's one host sync: skipping is decided on the host
+            if self.track_grad_norm and not overflow:
+                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+        if overflow:
+            optimizer.zero_grad(set_to_none=True)  # master grads; the model's were released above
+            scale = self.scaler.scale
+            self.scaler.update(True)
+            self._record(overflow=True, grad_norm=None)
+            self._check_skips(model, scale)
+            # Lightning still steps the LR schedulers after a skipped step, as with its AMP plugin
+            return None
+
+        self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, then clipping of main_params
+        optimizer.step(**kwargs)
+        if entry.low_model:
+            with torch.no_grad():
+                torch._foreach_copy_(entry.low_model, entry.low_master)
+        self.scaler.update(False)
+        self._record(overflow=False, grad_norm=grad_norm)
+        return closure_result
+
+    def _grads_to_masters(self, entry: _Masters) -> list[Tensor]:
+        """Move the low-precision gradients into the masters' FP32 grads; returns every master gradient."""
+        if entry.grad_buffers is None:
+            entry.grad_buffers = [torch.empty_like(m) for m in entry.low_master]
+        with_grad = [i for i, p in enumerate(entry.low_model) if p.grad is not None]
+        low_grads = [entry.grad_buffers[i] for i in with_grad]
+        if with_grad:
+            torch._foreach_copy_(low_grads, [entry.low_model[i].grad for i in with_grad])
+        for i in with_grad:
+            entry.low_master[i].grad = entry.grad_buffers[i]
+            # the FP32 copy is all the step needs; releasing the low one now lowers peak memory
+            entry.low_model[i].grad = None
+        return low_grads + [p.grad for p in entry.fp32_params if p.grad is not None]
+
+    def _record(self, overflow: bool, grad_norm: Tensor | None) -> None:
+        assert self.scaler is not None
+        self.last_step = {
+            "loss_scale": self.scaler.scale,
+            "overflow": int(overflow),
+            "skipped_steps": self.scaler.skipped_steps,
+        }
+        if grad_norm is not None:
+            self.last_step["grad_norm"] = grad_norm
+
+    def _check_skips(self, model: "pl.LightningModule", scale: float) -> None:
+        assert self.scaler is not None
+        at_floor = self.scaler.dynamic and scale <= self.scaler.min_scale
+        if self.scaler.consecutive_skips < self.max_consecutive_skips and not at_floor:
+            return
+        step = model.trainer.global_step if model._trainer is not None else self.scaler.steps - 1
+        reason = (
+            f"the loss scale is at min_scale={self.scaler.min_scale} and still overflows"
+            if at_floor
+            else f"{self.scaler.consecutive_skips} steps in a row were skipped"
+        )
+        raise RuntimeError(
+            f"MixedPrecision: inf/NaN gradients at global step {step}: {reason}. Training would only go on"
+            " with NaN; check the data and the loss (compute it in float32), or lower the learning rate."
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """``{"dtype": str, "scaler": dict, "masters": [[FP32 tensor]], "names": [[str]]}``, a list per opt.
+
+        Only tensors, numbers, strings, lists and dicts, so checkpoints load with ``weights_only=True``.
+        ``names`` are the parameters' names in the LightningModule (the checkpoint's ``state_dict`` keys).
+        """
+        return {
+            "dtype": self.dtype_name,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "masters": [[m.detach() for m in entry.master_params] for _, entry in self._masters],
+            "names": [list(entry.names) for _, entry in self._masters],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the scaler and copy the saved masters into the current ones (exact FP32)."""
+        if "masters" not in state_dict:
+            # Lightning's AMP plugin is also called MixedPrecision and saves GradScaler state under that key
+            raise ValueError(
+                "This checkpoint's 'MixedPrecision' entry has no FP32 masters; it was not written by"
+                f" medseg's MixedPrecision plugin (keys: {sorted(state_dict)})."
+            )
+        if self._dtype is None or (state_dict["masters"] and not self._masters):
+            self._pending_state = state_dict  # connect() applies it once the masters exist
+            return
+        assert self.scaler is not None
+        if state_dict["dtype"] == self.dtype_name:
+            self.scaler.load_state_dict(state_dict["scaler"])
+        else:
+            log.warning(
+                "MixedPrecision: checkpoint trained in %s, now %s: loading the FP32 masters, not the scaler",
+                state_dict["dtype"],
+                self.dtype_name,
+            )
+        if len(state_dict["masters"]) != len(self._masters):
+            n_saved, n_run = len(state_dict["masters"]), len(self._masters)
+            raise ValueError(f"Checkpoint has masters for {n_saved} optimizers, the run has {n_run}")
+        saved_names = state_dict.get("names", [None] * len(self._masters))
+        for (_, entry), saved, names in zip(self._masters, state_dict["masters"], saved_names, strict=True):
+            if names is not None and list(names) != entry.names:
+                raise ValueError("Checkpoint masters belong to other parameters than this optimizer's.")
+            if len(saved) != len(entry.master_params):
+                n_run = len(entry.master_params)
+                raise ValueError(f"Checkpoint has {len(saved)} masters, the optimizer {n_run} parameters.")
+            with torch.no_grad():
+                torch._foreach_copy_(entry.master_params, list(saved))
+                if entry.low_model:
+                    # the model must hold the rounded masters, exactly as after a step
+                    torch._foreach_copy_(entry.low_model, entry.low_master)
+
+    @override
+    def teardown(self) -> None:
+        # the FP32 gradient buffers are only needed during steps; masters stay for save_checkpoint after fit
+        for _, entry in self._masters:
+            entry.grad_buffers = None
+            for m in entry.low_master:
+                m.grad = None
