@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 from omegaconf import DictConfig
@@ -47,18 +48,26 @@ def check_output_folder(inputs: list[Path], output: Path) -> None:
 class Predictor:
     """A trained network plus the preprocessing it was trained with, from a medseg checkpoint."""
 
-    def __init__(self, ckpt_path: str, device: str = "auto", sw_batch_size: int = 4, overlap: float = 0.5,
-                 allow_unsafe_checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        ckpt_path: str,
+        device: str = "auto",
+        sw_batch_size: int = 4,
+        overlap: float = 0.5,
+        allow_unsafe_checkpoint: bool = False,
+    ) -> None:
         ckpt = load_checkpoint(ckpt_path, allow_unsafe=allow_unsafe_checkpoint)
         info = ckpt["hyper_parameters"]["inference"]
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        )
         self.net = instantiate(info["net"])
         self.net.load_state_dict(fp32_net_state(ckpt))
         self.net.to(self.device).eval()
         self.roi_size, self.sw_batch_size, self.overlap = info["patch_size"], sw_batch_size, overlap
-        self.preprocess = preprocess(info["spacing"], info["modality"], info["patch_size"], info["ct_window"],
-                                     with_label=False)
+        self.preprocess = preprocess(
+            info["spacing"], info["modality"], info["patch_size"], info["ct_window"], with_label=False
+        )
         self.invert = Invertd("pred", transform=self.preprocess, orig_keys="image", nearest_interp=True)
 
     @torch.no_grad()
@@ -66,11 +75,12 @@ class Predictor:
         """uint8 mask (X, Y, Z) on the input file's own voxel grid."""
         data = self.preprocess({"image": str(image_path)})
         image = data["image"].unsqueeze(0).to(self.device)
-        logits = sliding_window_inference(image, self.roi_size, self.sw_batch_size, self.net,
-                                          overlap=self.overlap, mode="gaussian")
+        logits = sliding_window_inference(
+            image, self.roi_size, self.sw_batch_size, self.net, overlap=self.overlap, mode="gaussian"
+        )
         pred = logits.argmax(1, keepdim=True)[0].float().cpu()
-        data["pred"] = data["image"].clone().set_array(pred) if hasattr(data["image"], "set_array") else pred
-        data["pred"].applied_operations = data["image"].applied_operations
+        # The prediction carries the image's record of applied transforms, which Invertd undoes in reverse.
+        data["pred"] = MetaTensor(pred, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
         data = self.invert(data)
         return np.asarray(data["pred"][0]).round().astype(np.uint8)
 

@@ -14,7 +14,7 @@ from medseg.data.synthetic import write_synthetic_dataset
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-# Small enough for a few seconds of CPU per run: 24^3 patches, 8-16-32 U-Net.
+# Small enough for a few seconds of CPU per run: 32^3 patches, 8-16-32 U-Net.
 TINY = [
     "logger=csv",
     "trainer.accelerator=cpu",
@@ -23,7 +23,7 @@ TINY = [
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
     "++callbacks.progress_bar=null",
-    "data.patch_size=[24,24,24]",
+    "data.patch_size=[32,32,32]",
     "data.num_workers=0",
     "data.batch_size=2",
     "data.num_samples=1",
@@ -42,8 +42,8 @@ def shared_dataset(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
-    """8 synthetic cases of 24-30 voxels a side."""
-    return write_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "synthetic", num_cases=8, min_size=24, max_size=30)
+    """8 synthetic cases of 32-36 voxels a side (6 train, 2 validation)."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "synthetic", num_cases=8, min_size=32, max_size=36)
 
 
 def compose_cfg(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:

@@ -153,8 +153,8 @@ class Snapshot(Callback):
             "last_step": dict(plugin.last_step),
         }
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if batch_idx == self.batch_idx:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if args[-1] == self.batch_idx:
             self.before = self.take(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
@@ -173,7 +173,8 @@ def _all_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 )
 def test_overflow_skips_the_step(dtype: str, dynamic_bf16: bool) -> None:
     scaler = small_scaler() if dtype == "float16" or dynamic_bf16 else None
-    model, plugin, snap = TinyNet(bad_steps=(2,)), MixedPrecision(dtype, scaler=scaler), Snapshot(batch_idx=2)
+    plugin = MixedPrecision(dtype, scaler=scaler, scale_bfloat16=scaler is not None)
+    model, snap = TinyNet(bad_steps=(2,)), Snapshot(batch_idx=2)
     fit(model, plugin, max_steps=4, callbacks=[snap])
     before, after = snap.before, snap.after
 
@@ -232,7 +233,7 @@ def test_clipping_acts_on_unscaled_fp32_master_grads() -> None:
     assert plugin.last_step["grad_norm"].item() == pytest.approx(norms.before_clip[-1], rel=1e-5)
 
 
-# ---- why masters matter: updates below half an ulp of the weights --------------------------------------------
+# ---- why masters matter: updates below half an ulp of the weights ----
 N_SAMPLES, N_FEATURES, N_STEPS, LR = 64, 8, 300, 2e-3
 W_START, W_TARGET = 1.0, 1.1
 
@@ -256,7 +257,10 @@ class LinearFit(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=LR)
 
 
-def _fit_linear(precision: str | None = None, plugin: MixedPrecision | None = None) -> tuple[LinearFit, float]:
+def _fit_linear(
+    precision: str | None = None,
+    plugin: MixedPrecision | None = None,
+) -> tuple[LinearFit, float]:
     q, _ = torch.linalg.qr(torch.randn(N_SAMPLES, N_FEATURES, generator=torch.Generator().manual_seed(0)))
     x = q * N_SAMPLES**0.5
     w_target = torch.full((N_FEATURES,), W_TARGET)
@@ -281,7 +285,8 @@ def test_masters_keep_updates_below_half_an_ulp(dtype: str) -> None:
     _, mixed_loss = _fit_linear(plugin=MixedPrecision(dtype))
     initial = fp32_model.losses[0]
     half_change = abs(half_model.losses[-1] - half_model.losses[0]) / half_model.losses[0]
-    print(f"{dtype}: initial {initial:.6f}  fp32 {fp32_loss:.6f}  {half_loss=:.6f} ({half_change=:.2e})  {mixed_loss=:.6f}")
+    print(f"{dtype}: initial loss {initial:.6f}, fp32 {fp32_loss:.6f}, mixed {mixed_loss:.6f}")
+    print(f"{dtype}: without masters {half_loss:.6f}, relative change of its loss {half_change:.2e}")
 
     assert fp32_loss < 0.2 * initial  # the FP32 run really learns
     assert torch.all(half_model.lin.weight == W_START)  # without masters every update rounds away
@@ -289,7 +294,7 @@ def test_masters_keep_updates_below_half_an_ulp(dtype: str) -> None:
     assert mixed_loss == pytest.approx(fp32_loss, rel=0.01)  # with masters: the FP32 result within 1%
 
 
-# ---- exact resume ---------------------------------------------------------------------------------------------
+# ---- exact resume ----
 def _resume_plugin() -> MixedPrecision:
     return MixedPrecision("float16", scaler=small_scaler(growth_interval=2))
 
@@ -324,8 +329,8 @@ def test_exact_resume(tmp_path: Any) -> None:
     model, plugin = TinyNet(bad_steps, adam=True), _resume_plugin()
     straight = _state(fit(model, plugin, max_steps=steps), plugin, model)
 
-    # Saved by ModelCheckpoint at the last batch of epoch 0. (A `trainer.save_checkpoint` after a fit stopped by
-    # max_steps at an epoch end resumes with one extra single-batch epoch in Lightning 2.6: data order shifts.)
+    # Saved by ModelCheckpoint at the last batch of epoch 0. (A `trainer.save_checkpoint` after a fit stopped
+    # by max_steps at an epoch end resumes with an extra one-batch epoch in Lightning 2.6: data order shifts.)
     model, plugin = TinyNet(bad_steps, adam=True), _resume_plugin()
     saver = ModelCheckpoint(dirpath=tmp_path, filename="half", every_n_train_steps=steps // 2)
     fit(model, plugin, max_steps=steps // 2, barebones=False, callbacks=[saver], **QUIET)
@@ -401,13 +406,17 @@ def test_connect_moves_state_of_several_optimizers_and_applies_early_state() -> 
     plugin = MixedPrecision("float16")
     plugin.convert_module(net)
     conv_opt = torch.optim.SGD(net.conv.parameters(), lr=0.1, momentum=0.9)
-    rest = torch.optim.SGD([{"params": net.fc.parameters()}, {"params": net.bn.parameters(), "lr": 0.01}], lr=0.1)
+    groups = [{"params": net.fc.parameters()}, {"params": net.bn.parameters(), "lr": 0.01}]
+    rest = torch.optim.SGD(groups, lr=0.1)
     for p in net.conv.parameters():
         p.grad = torch.ones_like(p)
     conv_opt.step()  # momentum state in float16, keyed by the model's parameters
 
-    saved = {"dtype": "float16", "scaler": {}, "masters": [[torch.full_like(p, 3.0, dtype=torch.float32)
-                                                             for p in net.conv.parameters()], []]}
+    saved = {
+        "dtype": "float16",
+        "scaler": {},
+        "masters": [[torch.full_like(p, 3.0, dtype=torch.float32) for p in net.conv.parameters()], []],
+    }
     saved["scaler"] = DynamicLossScaler(init_scale=8.0).state_dict()
     saved["masters"][1] = [p.detach().float() + 1 for p in [*net.fc.parameters(), *net.bn.parameters()]]
     plugin.load_state_dict(saved)  # before connect(): kept and applied once the masters exist
@@ -415,7 +424,8 @@ def test_connect_moves_state_of_several_optimizers_and_applies_early_state() -> 
 
     conv_model, conv_masters = plugin.param_pairs(conv_opt)
     assert all(p is q for p, q in zip(conv_model, net.conv.parameters(), strict=True))
-    assert all(m in conv_opt.state and p not in conv_opt.state for p, m in zip(conv_model, conv_masters))
+    assert all(m in conv_opt.state for m in conv_masters)
+    assert not any(p in conv_opt.state for p in conv_model)
     assert all(conv_opt.state[m]["momentum_buffer"].dtype == torch.float32 for m in conv_masters)
     assert all(torch.equal(m, torch.full_like(m, 3.0)) for m in conv_masters)
     assert torch.equal(net.conv.weight, torch.full_like(net.conv.weight, 3.0))  # model = rounded masters

@@ -1,7 +1,7 @@
 """Two CPU processes on gloo: when one rank overflows, both skip, and the replicas stay bit-identical.
 
-The test runs this file as a script in a subprocess (``strategy="ddp"`` relaunches the script for rank 1), which
-is sturdier under pytest than ``ddp_spawn`` pickling test objects. Each rank writes its final state to a file.
+The test runs this file as a script in a subprocess (``strategy="ddp"`` relaunches the script for rank 1),
+sturdier under pytest than ``ddp_spawn`` pickling test objects. Each rank writes its final state to a file.
 """
 
 import subprocess
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from medseg.precision import DynamicLossScaler, MixedPrecision
 
 LOSS_INF_STEP = 1  # rank 1's loss is inf: DDP's gradient all-reduce spreads the inf to rank 0 by itself
-GRAD_INF_STEP = 2  # rank 1 pokes inf into its gradient after the all-reduce: only found_inf's all-reduce helps
+GRAD_INF_STEP = 2  # rank 1 puts inf in its gradient after DDP's all-reduce: only found_inf's all-reduce helps
 STEPS = 4
 
 
@@ -54,7 +54,12 @@ def run(out_dir: Path) -> None:
     model = RankNet()
     plugin = MixedPrecision("float16", scaler=DynamicLossScaler(init_scale=2.0**8))
     trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", plugins=[plugin], max_steps=STEPS, barebones=True
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        plugins=[plugin],
+        max_steps=STEPS,
+        barebones=True,
     )
     trainer.fit(model, DataLoader(data, batch_size=2))
     result = {

@@ -1,6 +1,6 @@
 """Export an FP32 model from a MixedPrecision checkpoint: the FP32 masters, not the rounded FP16/BF16 weights.
 
-    python -m medseg.precision.export CKPT OUT
+python -m medseg.precision.export CKPT OUT
 """
 
 import argparse
@@ -9,23 +9,26 @@ from pathlib import Path
 import torch
 
 
-def export_fp32(ckpt_path: str | Path, out_path: str | Path) -> Path:
-    """Write ``{"state_dict": FP32 tensors, "hyper_parameters": ...}`` built from a Lightning checkpoint.
-
-    Parameters take their FP32 master from the plugin state (``checkpoint["MixedPrecision"]``, matched by name);
-    every other floating entry (e.g. BatchNorm running statistics) is cast to float32, integer entries are kept.
-    """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    plugin_state = ckpt.get("MixedPrecision", {})
-    if "masters" not in plugin_state:
-        raise ValueError(f"{ckpt_path} holds no MixedPrecision masters (was it trained with medseg's plugin?)")
+def fp32_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``state_dict`` in FP32: parameters take their FP32 master from the plugin state
+    (``checkpoint["MixedPrecision"]``, matched by name) where there is one; every other floating entry (e.g.
+    BatchNorm running statistics, or weights of a run without the plugin) is cast to float32."""
+    plugin_state = ckpt.get("MixedPrecision") or {}
     state_dict = dict(ckpt["state_dict"])
-    for names, masters in zip(plugin_state["names"], plugin_state["masters"], strict=True):
+    for names, masters in zip(plugin_state.get("names", []), plugin_state.get("masters", []), strict=True):
         for name, master in zip(names, masters, strict=True):
             if name not in state_dict:
                 raise KeyError(f"master for parameter {name!r} has no entry in the checkpoint's state_dict")
             state_dict[name] = master
-    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def export_fp32(ckpt_path: str | Path, out_path: str | Path) -> Path:
+    """Write ``{"state_dict": FP32 tensors, "hyper_parameters": ...}`` built from a MixedPrecision checkpoint."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if "masters" not in (ckpt.get("MixedPrecision") or {}):
+        raise ValueError(f"{ckpt_path} holds no MixedPrecision masters (was it trained with medseg's plugin?)")
+    state_dict = fp32_state_dict(ckpt)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state_dict, "hyper_parameters": ckpt.get("hyper_parameters")}, out_path)

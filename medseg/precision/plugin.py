@@ -94,8 +94,9 @@ class MixedPrecision(Precision):
     Args:
         dtype: ``"float16"``, ``"bfloat16"`` or ``"auto"`` (float16 on CUDA, bfloat16 otherwise; resolved in
             ``convert_module`` once the trainer's device is known).
-        scaler: loss scaler; ``None`` gives ``DynamicLossScaler()`` for float16 and a static scale of 1 for
-            bfloat16 (whose range does not need scaling; pass a dynamic scaler to scale anyway).
+        scaler: loss scaler for float16; ``None`` gives ``DynamicLossScaler()``. BFloat16 has FP32's range and
+            needs no scaling, so it gets a static scale of 1 whatever is passed, unless ``scale_bfloat16``.
+        scale_bfloat16: use ``scaler`` for bfloat16 too.
         max_consecutive_skips: raise once this many steps in a row had inf/NaN gradients (also raised when the
             scale is already at ``min_scale`` and still overflows): training must not go on with NaN.
         track_grad_norm: compute ``last_step["grad_norm"]`` (one extra read of the gradients per step).
@@ -109,6 +110,7 @@ class MixedPrecision(Precision):
         scaler: DynamicLossScaler | None = None,
         max_consecutive_skips: int = 50,
         track_grad_norm: bool = False,
+        scale_bfloat16: bool = False,
     ) -> None:
         if dtype != "auto" and dtype not in LOW_DTYPES:
             raise ValueError(f"dtype must be 'auto', 'float16' or 'bfloat16', got {dtype!r}")
@@ -118,6 +120,7 @@ class MixedPrecision(Precision):
         self.scaler = scaler
         self.max_consecutive_skips = max_consecutive_skips
         self.track_grad_norm = track_grad_norm
+        self.scale_bfloat16 = scale_bfloat16
         self.last_step: dict[str, Any] = {}
         self._dtype: torch.dtype | None = None
         self._masters: list[tuple[Optimizer, _Masters]] = []
@@ -135,9 +138,11 @@ class MixedPrecision(Precision):
         self.dtype_name = name
         self._dtype = LOW_DTYPES[name]
         self.precision = "16-true" if name == "float16" else "bf16-true"
-        if self.scaler is None:
-            fp16 = name == "float16"
-            self.scaler = DynamicLossScaler() if fp16 else DynamicLossScaler(init_scale=1.0, dynamic=False)
+        if name == "bfloat16" and not self.scale_bfloat16:
+            # one config serves both dtypes (`dtype: auto`), so a configured scaler is set aside here
+            self.scaler = DynamicLossScaler(init_scale=1.0, dynamic=False)
+        elif self.scaler is None:
+            self.scaler = DynamicLossScaler()
 
     def _resolve_dtype(self, module: nn.Module) -> None:
         if self._dtype is not None:
@@ -155,7 +160,7 @@ class MixedPrecision(Precision):
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
-        """Cast ``module`` to the low dtype in place, except norm layers and losses: FP32 weights, FP32 compute.
+        """Cast ``module`` to the low dtype in place; norm layers and losses keep FP32 weights and compute.
 
         In place because ``DDPStrategy.setup`` ignores the return value.
         """
@@ -285,8 +290,8 @@ class MixedPrecision(Precision):
         assert self.scaler is not None
         closure_result = closure()
         if closure_result is None:
-            # `training_step` returned None: nothing to step (as in Lightning's AMP plugin); drop gradients that
-            # earlier accumulation batches left, since Lightning's zero_grad only reaches the masters
+            # `training_step` returned None: nothing to step (as in Lightning's AMP plugin); drop gradients
+            # that earlier accumulation batches left, since Lightning's zero_grad only reaches the masters
             for p in self._entry(optimizer).low_model:
                 p.grad = None
             return None
@@ -423,3 +428,5 @@ class MixedPrecision(Precision):
             entry.grad_buffers = None
             for m in entry.low_master:
                 m.grad = None
+        # state loaded by a run without optimizers (validate/test) must not land on the masters of a later fit
+        self._pending_state = None

@@ -1,0 +1,119 @@
+"""Inference round trip and scoring: masks on the input's own grid; evaluate against hand-computed Dice."""
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from medseg.evaluate import evaluate
+from medseg.predict import predict
+from medseg.train import train
+
+from .conftest import TINY, TINY_UNET, compose_cfg
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_dataset, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    cfg = compose_cfg(
+        [
+            *TINY,
+            *TINY_UNET,
+            f"data.root={tiny_dataset}",
+            "++data.synthesize=null",
+            f"data.cache_dir={tmp / 'cache'}",
+            "trainer.max_epochs=1",
+            "test=false",
+            "+precision=mixed",
+        ],
+        tmp / "run",
+    )
+    train(cfg)
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+def _odd_input(folder, shape=(30, 26, 22)):
+    """An LPS-oriented, anisotropic (1.3 x 2.9 x 2.1 mm), shifted volume: nothing like the training grid."""
+    rng = np.random.default_rng(0)
+    from medseg.data.synthetic import make_case
+
+    image, _ = make_case(rng, shape)
+    affine = np.diag([-1.3, -2.9, 2.1, 1.0])
+    affine[:3, 3] = [12.5, -40.0, 7.0]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), path)
+    return path
+
+
+def test_predict_mask_has_input_shape_and_affine(checkpoint, tmp_path):
+    src = _odd_input(tmp_path / "in")
+    cfg = OmegaConf.create(
+        {
+            "ckpt_path": str(checkpoint),
+            "input": str(tmp_path / "in"),
+            "output": str(tmp_path / "out"),
+            "device": "cpu",
+            "sw_batch_size": 2,
+            "overlap": 0.25,
+            "allow_unsafe_checkpoint": False,
+        }
+    )
+    [written] = predict(cfg)
+    mask, image = nib.load(written), nib.load(src)
+    assert mask.shape == image.shape
+    np.testing.assert_allclose(mask.affine, image.affine, atol=1e-6)
+    values = np.unique(np.asarray(mask.dataobj))
+    assert set(values.tolist()) <= {0, 1, 2} and mask.get_data_dtype() == np.uint8
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_predict_refuses_output_in_input_folder(checkpoint, tmp_path, where):
+    src = _odd_input(tmp_path / "in")
+    out = tmp_path / "in" if where == "same" else tmp_path / "in" / "masks"
+    cfg = OmegaConf.create(
+        {
+            "ckpt_path": str(checkpoint),
+            "input": str(src),
+            "output": str(out),
+            "device": "cpu",
+            "sw_batch_size": 2,
+            "overlap": 0.25,
+            "allow_unsafe_checkpoint": False,
+        }
+    )
+    before = src.read_bytes()
+    with pytest.raises(ValueError, match="inside the input folder"):
+        predict(cfg)
+    assert src.read_bytes() == before and not (tmp_path / "in" / "masks").exists()
+
+
+def test_evaluate_matches_hand_computed_dice(tmp_path):
+    shape = (10, 10, 10)
+    label = np.zeros(shape, np.uint8)
+    label[2:6, 2:6, 2:6] = 1  # 64 voxels
+    label[7:9, 7:9, 7:9] = 2  # 8 voxels
+    pred = np.zeros(shape, np.uint8)
+    pred[3:7, 2:6, 2:6] = 1  # 64 voxels, 48 overlapping
+    pred[7:9, 7:9, 7:8] = 2  # 4 voxels, all inside
+    for folder, data in (("labels", label), ("pred", pred)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 1.5, 1])), tmp_path / folder / "case.nii.gz")
+    summary = evaluate(tmp_path / "pred", tmp_path / "labels", tmp_path / "eval.csv", ["bg", "a", "b"])
+    assert summary["dice/a"] == pytest.approx(2 * 48 / (64 + 64))
+    assert summary["dice/b"] == pytest.approx(2 * 4 / (8 + 4))
+    assert summary["dice"] == pytest.approx((0.75 + 2 / 3) / 2)
+    # Organ shifted by one voxel: the farthest boundary voxel is 1 voxel = 1.5 mm away.
+    assert summary["hd95/a"] == pytest.approx(1.5)
+    rows = list(csv.DictReader((tmp_path / "eval.csv").open()))
+    assert rows[0]["case"] == "case.nii.gz" and float(rows[0]["dice/a"]) == pytest.approx(0.75)
+
+
+def test_evaluate_names_missing_label(tmp_path):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "labels").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "pred" / "x.nii.gz")
+    with pytest.raises(FileNotFoundError, match="x.nii.gz"):
+        evaluate(tmp_path / "pred", tmp_path / "labels", tmp_path / "e.csv")
