@@ -1,16 +1,23 @@
 """Training entry point: `python -m medseg.train [+precision=mixed] [data=...] [key=value ...]`."""
 
 import logging
+import math
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
 from medseg import CONF_DIR
+from medseg.config_check import ConfigError, check_config, check_output_dir
+from medseg.sweep import write_job_result
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +60,19 @@ def precision_kwargs(cfg: DictConfig) -> dict:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path=last`: the newest last.ckpt of any earlier run of this task."""
+    """`ckpt_path=last`: the newest last.ckpt or interrupted.ckpt (Ctrl-C, SIGTERM, a crash) of any earlier run
+    of this task; a path is checked to exist before any work starts."""
+    if cfg.ckpt_path is None:
+        return None
     if cfg.ckpt_path != "last":
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path: no such checkpoint file {cfg.ckpt_path}")
         return cfg.ckpt_path
-    candidates = sorted(
-        Path(cfg.paths.log_dir, cfg.task_name).glob("**/checkpoints/last.ckpt"),
-        key=lambda p: p.stat().st_mtime,
-    )
+    runs = Path(cfg.paths.log_dir, cfg.task_name)
+    candidates = [p for name in ("last.ckpt", "interrupted.ckpt") for p in runs.glob(f"**/checkpoints/{name}")]
     if not candidates:
-        raise FileNotFoundError(f"ckpt_path=last: no last.ckpt under {Path(cfg.paths.log_dir, cfg.task_name)}")
-    return str(candidates[-1])
+        raise ConfigError(f"ckpt_path=last: no last.ckpt or interrupted.ckpt under {runs}")
+    return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
 def print_summary(trainer: pl.Trainer, model, output_dir: str, best_ckpt: str) -> None:
@@ -91,6 +101,9 @@ def print_summary(trainer: pl.Trainer, model, output_dir: str, best_ckpt: str) -
 
 def train(cfg: DictConfig) -> float | None:
     """Fit, test the best checkpoint, print the summary; returns `cfg.optimized_metric` for sweepers."""
+    check_config(cfg)
+    check_output_dir(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
@@ -99,7 +112,16 @@ def train(cfg: DictConfig) -> float | None:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        saved = [c.ckpt_path for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)]
+        log.error(
+            "Interrupted at step %d; checkpoint: %s. Resume with the same command plus ckpt_path=last",
+            trainer.global_step,
+            saved[0] if saved else "(none: no OnExceptionCheckpoint callback)",
+        )
+        raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a terminated job
     best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     optimized = trainer.callback_metrics.get(cfg.optimized_metric)
     if cfg.optimized_metric.startswith("val/") and trainer.checkpoint_callback:
@@ -109,18 +131,30 @@ def train(cfg: DictConfig) -> float | None:
         trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt or None)
     if trainer.is_global_zero:
         print_summary(trainer, model, cfg.paths.output_dir, best_ckpt)
-    return float(optimized) if optimized is not None else None
+    optimized = float(optimized) if optimized is not None else None
+    write_job_result(cfg, trainer, optimized)
+    return optimized
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    import wandb
+
     try:
-        return train(cfg)
+        optimized = train(cfg)
+    except Exception as error:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # One failed job must not end a sweep: logged, reported in the sweep summary, and None makes the Optuna
+        # sweeper mark the trial failed (a NaN return would stop the whole study).
+        log.exception(f"job failed, the sweep goes on: {error}")
+        write_job_result(cfg, error=error)
+        wandb.finish(exit_code=1)
+        return None
     finally:
         # Multirun jobs share one process: without this every job logs into the first job's W&B run.
-        import wandb
-
         wandb.finish()
+    return None if optimized is not None and math.isnan(optimized) else optimized
 
 
 if __name__ == "__main__":

@@ -62,16 +62,19 @@ def test_datamodule_synthetic_batches(tiny_dataset, tmp_path):
 
 
 def test_median_spacing_and_split_are_deterministic(tiny_dataset):
-    dm = MSDDataModule(str(tiny_dataset), patch_size=(24, 24, 24), cache="none", num_workers=0)
+    def make(**kwargs):
+        return MSDDataModule(str(tiny_dataset), patch_size=(24, 24, 24), cache="none", num_workers=0, **kwargs)
+
+    dm = make()
     assert all(1.5 < s < 2.5 for s in dm.spacing)  # synthetic spacing is 2 mm +- 20%
-    other = MSDDataModule(str(tiny_dataset), patch_size=(24, 24, 24), cache="none", num_workers=0, num_folds=4, fold=1)
-    assert dm.split() == MSDDataModule(str(tiny_dataset), patch_size=(24, 24, 24), cache="none").split()
-    folds = [
-        set(i["image"] for i in MSDDataModule(str(tiny_dataset), num_folds=4, fold=f, cache="none").split()[1])
-        for f in range(4)
-    ]
+    assert dm.split() == make().split()
+    folds = [{i["image"] for i in make(num_folds=4, fold=f).split()[1]} for f in range(4)]
     assert set().union(*folds) == {i["image"] for i in dm.datalist()} and sum(map(len, folds)) == 8
-    assert other.split()[1] != dm.split()[1] or len(folds[1]) == 2
+
+
+def test_patch_larger_than_every_image_is_refused(tiny_dataset):
+    with pytest.raises(ValueError, match=r"data.patch_size: \[96, 96, 96\] is larger than every image"):
+        MSDDataModule(str(tiny_dataset), patch_size=(96, 96, 96), cache="none")
 
 
 @pytest.mark.parametrize(

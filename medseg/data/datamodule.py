@@ -94,6 +94,7 @@ class MSDDataModule(pl.LightningDataModule):
             raise FileNotFoundError(f"{self.root / 'dataset.json'}: no dataset.json (data.root={root})")
         self.meta = json.loads((self.root / "dataset.json").read_text())
         self.spacing = tuple(float(s) for s in spacing) if spacing is not None else self.median_spacing()
+        self.check_patch_size()
         self.train_files: list[dict] = []
         self.val_files: list[dict] = []
 
@@ -123,18 +124,32 @@ class MSDDataModule(pl.LightningDataModule):
     def datalist(self) -> list[dict]:
         return load_decathlon_datalist(self.root / "dataset.json", data_list_key="training", base_dir=self.root)
 
-    def median_spacing(self) -> tuple[float, float, float]:
-        """Median voxel spacing in RAS axis order, from the headers only (fast)."""
-        zooms = []
+    def geometry(self) -> tuple[np.ndarray, np.ndarray]:
+        """Voxel spacing and shape of every image in RAS axis order (as Orientationd will reorder them), from
+        the headers only (fast). Returns two (N, 3) arrays."""
+        zooms, shapes = [], []
         for item in self.datalist():
             img = nib.load(item["image"])
-            # Spacing per RAS axis: reorder the voxel axes as Orientationd will.
-            ornt = nib.orientations.io_orientation(img.affine)
-            vox = np.asarray(img.header.get_zooms()[:3], dtype=float)
-            ras = np.empty(3)
-            ras[ornt[:, 0].astype(int)] = vox
-            zooms.append(ras)
-        return tuple(float(z) for z in np.median(np.stack(zooms), axis=0))
+            axes = nib.orientations.io_orientation(img.affine)[:, 0].astype(int)
+            zoom, shape = np.empty(3), np.empty(3)
+            zoom[axes] = img.header.get_zooms()[:3]
+            shape[axes] = img.shape[:3]
+            zooms.append(zoom)
+            shapes.append(shape)
+        return np.stack(zooms), np.stack(shapes)
+
+    def median_spacing(self) -> tuple[float, float, float]:
+        return tuple(float(z) for z in np.median(self.geometry()[0], axis=0))
+
+    def check_patch_size(self) -> None:
+        """A patch larger than every image (after resampling) on some axis would be mostly padding."""
+        zooms, shapes = self.geometry()
+        largest = (shapes * zooms / np.asarray(self.spacing)).max(axis=0)
+        if any(p > s + 0.5 for p, s in zip(self.patch_size, largest, strict=True)):
+            raise ValueError(
+                f"data.patch_size: {list(self.patch_size)} is larger than every image after resampling to "
+                f"{list(self.spacing)} mm (largest: {[int(round(s)) for s in largest]})"
+            )
 
     def split(self) -> tuple[list[dict], list[dict]]:
         """A seeded shuffle, then either the last `val_fraction` or fold `fold` of `num_folds` for validation."""
