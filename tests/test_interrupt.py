@@ -81,23 +81,29 @@ def uninterrupted(identical_cases, tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_interrupt_and_resume_is_exact(sig, identical_cases, uninterrupted, tmp_path):
     logs, step_file = tmp_path / "logs", tmp_path / "step"
-    slow = [f"+callbacks.step_file._target_=tests.helpers.StepFile", f"+callbacks.step_file.path={step_file}",
-            "+callbacks.step_file.sleep=0.5"]  # fmt: skip
-    proc = subprocess.Popen(_cmd(identical_cases, logs, logs / "train" / "runs" / "run1", *slow), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    runs = logs / "train" / "runs"
+    slow = [
+        "+callbacks.step_file._target_=tests.helpers.StepFile",
+        f"+callbacks.step_file.path={step_file}",
+        "+callbacks.step_file.sleep=0.5",
+    ]
+    proc = subprocess.Popen(
+        _cmd(identical_cases, logs, runs / "run1", *slow), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while not (step_file.exists() and step_file.read_text() and int(step_file.read_text()) >= 4):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    interrupted = logs / "train" / "runs" / "run1" / "checkpoints" / "interrupted.ckpt"
+    out, err = proc.communicate(timeout=120)
+    interrupted = runs / "run1" / "checkpoints" / "interrupted.ckpt"
     assert interrupted.is_file(), err[-3000:]
     stopped_at = torch.load(interrupted, weights_only=True)["global_step"]
     assert 4 <= stopped_at < STEPS, stopped_at
-    assert "ckpt_path=last" in err + _  # the user is told how to resume
+    assert "ckpt_path=last" in err + out  # the user is told how to resume
 
-    result = subprocess.run(_cmd(identical_cases, logs, logs / "train" / "runs" / "run2", "ckpt_path=last"), capture_output=True,
-                            text=True)  # fmt: skip
+    result = subprocess.run(
+        _cmd(identical_cases, logs, runs / "run2", "ckpt_path=last"), capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    _assert_identical(_state(logs / "train" / "runs" / "run2" / "checkpoints" / "last.ckpt"), uninterrupted)
+    _assert_identical(_state(runs / "run2" / "checkpoints" / "last.ckpt"), uninterrupted)
