@@ -1,6 +1,7 @@
 """Loading checkpoints for inference: weights_only by default, FP32 weights whatever precision trained them."""
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -23,9 +24,11 @@ def load_checkpoint(path: str | Path, allow_unsafe: bool = False) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not allow_unsafe:
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            what = f"a pickled {found.group(1)}" if found else "pickled objects"
             raise CheckpointError(
-                f"{path}: refusing to unpickle objects other than tensors and plain containers ({err}). "
-                "If you made this file yourself, pass allow_unsafe_checkpoint=true."
+                f"{path}: refusing to unpickle {what}, which could run code when loaded (only tensors and plain "
+                "containers are loaded by default). If you made this file yourself, pass allow_unsafe_checkpoint=true."
             ) from None
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError) as err:

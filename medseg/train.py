@@ -8,6 +8,7 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -16,8 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from medseg import CONF_DIR
+from medseg.checkpoint import load_checkpoint
 from medseg.config_check import ConfigError, check_config, check_output_dir
 from medseg.sweep import write_job_result
+from medseg.wandb_run import make_loggers
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,19 @@ def build_model(cfg: DictConfig, datamodule) -> pl.LightningModule:
     }
     # Partial, then called with plain Python values: kwargs merged into the config would come back as
     # ListConfig/DictConfig, which a weights_only checkpoint load refuses.
-    make_module = instantiate(cfg.model, _partial_=True)
+    make_module = build(cfg.model, _partial_=True)
     return make_module(label_names=datamodule.label_names, roi_size=list(datamodule.patch_size), inference=inference)
+
+
+def build(node: DictConfig, **kwargs):
+    """`hydra.utils.instantiate`, except that a bad setting caught by the target (ValueError, a missing file)
+    surfaces as itself rather than wrapped in Hydra's InstantiationException with the full traceback."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError | OSError):
+            raise err.__cause__ from None
+        raise
 
 
 def instantiate_each(section: DictConfig | None) -> list:
@@ -55,7 +69,7 @@ def precision_kwargs(cfg: DictConfig) -> dict:
     both: Lightning raises when given a precision and a precision plugin)."""
     prec = cfg.get("precision") or FP32
     if prec.get("plugin") is not None:
-        return {"plugins": [instantiate(prec["plugin"])]}
+        return {"plugins": [build(prec["plugin"])]}
     return {"precision": prec["lightning"]}
 
 
@@ -65,14 +79,15 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if cfg.ckpt_path is None:
         return None
     if cfg.ckpt_path != "last":
-        if not Path(cfg.ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path: no such checkpoint file {cfg.ckpt_path}")
+        load_checkpoint(cfg.ckpt_path)  # a missing, truncated or foreign file fails here, naming it
         return cfg.ckpt_path
     runs = Path(cfg.paths.log_dir, cfg.task_name)
     candidates = [p for name in ("last.ckpt", "interrupted.ckpt") for p in runs.glob(f"**/checkpoints/{name}")]
     if not candidates:
         raise ConfigError(f"ckpt_path=last: no last.ckpt or interrupted.ckpt under {runs}")
-    return str(max(candidates, key=lambda p: p.stat().st_mtime))
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    load_checkpoint(newest)
+    return str(newest)
 
 
 def print_summary(trainer: pl.Trainer, model, output_dir: str, best_ckpt: str) -> None:
@@ -105,15 +120,23 @@ def train(cfg: DictConfig) -> float | None:
     check_output_dir(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     model = build_model(cfg, datamodule)
-    callbacks, loggers = instantiate_each(cfg.get("callbacks")), instantiate_each(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **precision_kwargs(cfg))
+    # make_loggers: W&B named after the Hydra job; a W&B failure warns and leaves the CSV logger
+    callbacks, loggers = instantiate_each(cfg.get("callbacks")), make_loggers(cfg)
+    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **precision_kwargs(cfg))
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except RuntimeError as err:
+        # e.g. MixedPrecision giving up on inf/NaN gradients: say where a good state is before re-raising
+        ckpt = trainer.checkpoint_callback
+        last_good = (ckpt.last_model_path or ckpt.best_model_path) if ckpt else ""
+        log.error("Training stopped at step %d: %s\nLast good checkpoint: %s", trainer.global_step, err,
+                  last_good or "(none saved yet)")  # fmt: skip
+        raise
     except SIGTERMException:
         saved = [c.ckpt_path for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)]
         log.error(
