@@ -432,3 +432,21 @@ def test_connect_moves_state_of_several_optimizers_and_applies_early_state() -> 
     assert rest.param_groups[1]["lr"] == 0.01 and rest.param_groups[1]["params"][0] is net.bn.weight
     assert plugin.scaler.scale == 8.0
     assert len(plugin.master_params) == 6  # conv, fc and bn weights and biases
+
+
+class TestedNet(TinyNet):
+    def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self.log("test/loss", self.loss_fn(self(batch[0]), batch[1]))
+
+
+def test_fit_then_test_from_checkpoint(tmp_path: Any) -> None:
+    """`trainer.test(ckpt_path=...)` after `fit` (what medseg.train does) connects the same optimizers again,
+    and loads the plugin state of the checkpoint: the masters must survive both."""
+    model, plugin = TestedNet(adam=True), MixedPrecision("float16", scaler=small_scaler())
+    trainer = fit(model, plugin, max_steps=3, default_root_dir=tmp_path, barebones=False, logger=False,
+                  enable_progress_bar=False)  # fmt: skip
+    masters = [m.clone() for m in plugin.master_params]
+    best = trainer.checkpoint_callback.best_model_path
+    [result] = trainer.test(model, DataLoader(DATA, batch_size=2), ckpt_path=best, verbose=False)
+    assert result["test/loss"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(masters, plugin.master_params, strict=True))

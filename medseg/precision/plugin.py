@@ -202,8 +202,13 @@ class MixedPrecision(Precision):
         self._resolve_dtype(model)
         names = {p: n for n, p in (lightning_module or model).named_parameters()}
         masters_of: dict[Tensor, Tensor] = {}  # a parameter shared by two optimizers gets one master
+        # `trainer.test()` after `fit()` connects the same optimizers again; they already hold the masters
+        connected = dict(self._masters)
         self._masters = []
         for optimizer in optimizers:
+            if optimizer in connected:
+                self._masters.append((optimizer, connected[optimizer]))
+                continue
             if isinstance(optimizer, torch.optim.LBFGS):
                 raise MisconfigurationException("MixedPrecision and the LBFGS optimizer are not compatible.")
             model_params: list[Tensor] = []
