@@ -74,20 +74,23 @@ def precision_kwargs(cfg: DictConfig) -> dict:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path=last`: the newest last.ckpt or interrupted.ckpt (Ctrl-C, SIGTERM, a crash) of any earlier run
-    of this task; a path is checked to exist before any work starts."""
+    """`ckpt_path=last`: the newest last.ckpt or interrupted.ckpt (Ctrl-C, SIGTERM, a crash) of this run's own
+    directory (a requeued job), else of any earlier run of this task. Checked before any work starts."""
     if cfg.ckpt_path is None:
         return None
     if cfg.ckpt_path != "last":
         load_checkpoint(cfg.ckpt_path)  # a missing, truncated or foreign file fails here, naming it
         return cfg.ckpt_path
-    runs = Path(cfg.paths.log_dir, cfg.task_name)
-    candidates = [p for name in ("last.ckpt", "interrupted.ckpt") for p in runs.glob(f"**/checkpoints/{name}")]
-    if not candidates:
-        raise ConfigError(f"ckpt_path=last: no last.ckpt or interrupted.ckpt under {runs}")
-    newest = max(candidates, key=lambda p: p.stat().st_mtime)
-    load_checkpoint(newest)
-    return str(newest)
+    names = ("last.ckpt", "interrupted.ckpt")
+    for where in (Path(cfg.paths.output_dir), Path(cfg.paths.log_dir, cfg.task_name)):
+        candidates = [p for name in names for p in where.glob(f"**/checkpoints/{name}")]
+        if candidates:
+            newest = max(candidates, key=lambda p: p.stat().st_mtime)
+            load_checkpoint(newest)
+            return str(newest)
+    raise ConfigError(
+        f"ckpt_path=last: no last.ckpt or interrupted.ckpt under {Path(cfg.paths.log_dir, cfg.task_name)}"
+    )
 
 
 def print_summary(trainer: pl.Trainer, model, output_dir: str, best_ckpt: str) -> None:
