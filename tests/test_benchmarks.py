@@ -1,0 +1,52 @@
+"""Smoke tests of the benchmark scripts at a tiny size: they run on CPU and print their tables."""
+
+import importlib.util
+from pathlib import Path
+
+from medseg import REPO_ROOT
+
+
+def _script(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_precision_benchmark_prints_ratios(capsys) -> None:
+    precision = _script("precision")
+    argv = ["--device", "cpu", "--patch", "16", "--batch", "1", "--steps", "2", "--warmup", "1", "--isolate", "no"]
+    results = precision.main([*argv, "--modes", "fp32", "mixed"])
+    out = capsys.readouterr().out
+    assert "| " + " | ".join(precision.COLUMNS) + " |" in out
+    assert [r["mode"] for r in results] == ["fp32", "mixed"] and not any("error" in r for r in results), results
+    fp32, mixed = results
+    assert fp32["precision"] == "32-true" and mixed["precision"] == "bf16-true"  # dtype auto: bfloat16 on CPU
+    assert fp32["steps"] == 2 and fp32["step_ms"] > 0 and 0 < mixed["opt_share"] < 1
+    assert "| unet | 16^3 x1 | mixed | bf16-true |" in out
+
+
+def test_data_benchmark_prints_tables(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    data = _script("data")
+    overrides = [
+        f"data.root={tiny_dataset}",
+        "++data.synthesize=null",
+        "data.patch_size=[24,24,24]",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "data.num_samples=1",
+    ]
+    results = data.main(["--datasets", "synthetic", "--override", *overrides, "--step-ms", "1", "--sim-epochs", "1"])
+    out = capsys.readouterr().out
+    assert "| dataset | workers | patches/batch | pass | batches | epoch s | batches/s | first batch s |" in out
+    assert "waited > 5 ms" in out
+    (r,) = results
+    assert r["cold"]["batches"] == r["cached"]["batches"] == 3  # 6 training cases, batches of 2
+    assert r["sim"]["steps"] == 3
+
+
+def test_data_benchmark_skips_missing_dataset(tmp_path: Path, capsys) -> None:
+    data = _script("data")
+    data.main(["--datasets", "msd", "--override", f"data.root={tmp_path / 'absent'}"])
+    assert "skipped: no dataset.json" in capsys.readouterr().out
