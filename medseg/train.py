@@ -2,6 +2,8 @@
 
 import logging
 import math
+import shutil
+import sys
 from pathlib import Path
 
 import hydra
@@ -17,10 +19,11 @@ from rich.console import Console
 from rich.table import Table
 
 from medseg import CONF_DIR
-from medseg.checkpoint import load_checkpoint
+from medseg.checkpoint import CheckpointError, load_checkpoint
 from medseg.config_check import ConfigError, check_config, check_output_dir
+from medseg.data.checks import DatasetError
 from medseg.sweep import write_job_result
-from medseg.wandb_run import make_loggers
+from medseg.wandb_run import make_loggers, redact
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +132,7 @@ def train(cfg: DictConfig) -> float | None:
     callbacks, loggers = instantiate_each(cfg.get("callbacks")), make_loggers(cfg)
     trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **precision_kwargs(cfg))
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -162,6 +165,18 @@ def train(cfg: DictConfig) -> float | None:
     return optimized
 
 
+# Errors about the user's input, raised before training starts.
+INPUT_ERRORS = (ConfigError, DatasetError, CheckpointError)
+
+
+def discard_empty_run(output_dir: Path) -> None:
+    """Remove a run directory that holds only what Hydra wrote at start (config, log): a run that never started
+    should not sit among real runs, nor be picked up by `ckpt_path=last`."""
+    hydra_only = {".hydra", "train.log", f"{HydraConfig.get().job.name}.log"}
+    if output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= hydra_only:
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     import wandb
@@ -170,6 +185,11 @@ def main(cfg: DictConfig) -> float | None:
         optimized = train(cfg)
     except Exception as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
+            if isinstance(error, INPUT_ERRORS):
+                # A bad setting, dataset or checkpoint: the message names it; a traceback would only bury it.
+                print(f"medseg: {error}", file=sys.stderr)
+                discard_empty_run(Path(cfg.paths.output_dir))
+                sys.exit(1)
             raise
         # One failed job must not end a sweep: logged, reported in the sweep summary, and None makes the Optuna
         # sweeper mark the trial failed (a NaN return would stop the whole study).

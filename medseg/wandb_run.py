@@ -199,6 +199,10 @@ def make_loggers(cfg: DictConfig) -> list[Logger]:
             continue
         derived = run_identity(cfg)
         identity = {k: v for k, v in derived.items() if spec.get(k) is None}
+        # a requeued (preempted) SLURM job runs again in the same output dir: continue its W&B run
+        latest = Path(cfg.paths.output_dir, "wandb", "latest-run")
+        if spec.get("id") is None and latest.exists():
+            identity.update(id=latest.resolve().name.rsplit("-", 1)[-1], resume="allow")
         if spec.get("tags") is not None:
             identity["tags"] = list(dict.fromkeys([*spec.tags, *derived["tags"]]))
         try:

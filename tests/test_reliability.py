@@ -111,3 +111,27 @@ def test_bad_settings_fail_naming_the_key(override, message, tiny_cfg):
     extra = ["+precision=mixed"] if override.startswith("+precision.") else []
     with pytest.raises(ValueError, match=message):
         train(tiny_cfg(*extra, override))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model=nosuch", "Could not find 'model/nosuch'"),
+        ("model.optimizer.lr=-1", "medseg: model.optimizer.lr: must be > 0"),
+        ("data.root=/nonexistent/Task99", "dataset.json"),
+    ],
+)
+def test_cli_errors_are_one_message_without_traceback(override, message, tiny_dataset, tmp_path):
+    """From the shell, a bad setting prints one message naming it, exits non-zero and leaves no run behind."""
+    import subprocess
+    import sys
+
+    from .conftest import TINY, TINY_UNET
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "medseg.train", *TINY, *TINY_UNET, f"data.root={tiny_dataset}",
+           "++data.synthesize=null", f"hydra.run.dir={run_dir}", override]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not run_dir.exists()

@@ -13,6 +13,7 @@ import numpy as np
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, load_decathlon_datalist
 from monai.transforms import Compose
 
+from medseg.config_check import ConfigError
 from medseg.data.checks import check_dataset
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.data.transforms import augment, preprocess
@@ -64,11 +65,11 @@ class MSDDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if cache not in ("persistent", "memory", "none"):
-            raise ValueError(f"data.cache must be 'persistent', 'memory' or 'none', got {cache!r}")
+            raise ConfigError(f"data.cache must be 'persistent', 'memory' or 'none', got {cache!r}")
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if num_folds is not None and not 0 <= fold < num_folds:
-            raise ValueError(f"data.fold must be in [0, data.num_folds={num_folds}), got {fold}")
+            raise ConfigError(f"data.fold must be in [0, data.num_folds={num_folds}), got {fold}")
         self.root = Path(root).expanduser()
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size, self.num_samples, self.num_workers = batch_size, num_samples, num_workers
@@ -91,7 +92,7 @@ class MSDDataModule(pl.LightningDataModule):
         if validate:
             check_dataset(self.root).raise_if_errors()
         elif not (self.root / "dataset.json").is_file():
-            raise FileNotFoundError(f"{self.root / 'dataset.json'}: no dataset.json (data.root={root})")
+            raise ConfigError(f"data.root: no dataset.json in {self.root}")
         self.meta = json.loads((self.root / "dataset.json").read_text())
         self.spacing = tuple(float(s) for s in spacing) if spacing is not None else self.median_spacing()
         self.check_patch_size()
@@ -146,7 +147,7 @@ class MSDDataModule(pl.LightningDataModule):
         zooms, shapes = self.geometry()
         largest = (shapes * zooms / np.asarray(self.spacing)).max(axis=0)
         if any(p > s + 0.5 for p, s in zip(self.patch_size, largest, strict=True)):
-            raise ValueError(
+            raise ConfigError(
                 f"data.patch_size: {list(self.patch_size)} is larger than every image after resampling to "
                 f"{list(self.spacing)} mm (largest: {[int(round(s)) for s in largest]})"
             )
@@ -163,7 +164,9 @@ class MSDDataModule(pl.LightningDataModule):
         train = [items[i] for i in order if i not in val_idx]
         val = [items[i] for i in sorted(val_idx)]
         if not train:
-            raise ValueError(f"{self.root}: too few cases ({len(items)}) to hold out a validation split")
+            raise ConfigError(
+                f"data.val_fraction: {self.root} has too few cases ({len(items)}) to hold out a validation split"
+            )
         return train, val
 
     def preprocessing(self, with_label: bool = True) -> Compose:
