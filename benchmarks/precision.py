@@ -3,12 +3,14 @@
     python benchmarks/precision.py                                   # CPU: every mode, patch 64/96/128, UNet
     python benchmarks/precision.py --device cuda --patch 128 --batch 2 --modes fp32 amp mixed mixed:cl
 
-Each (model, patch, mode) is one `trainer.fit` in a fresh subprocess, so peak memory is that run's own (CUDA:
-`max_memory_allocated`; CPU: the process's peak RSS, `ru_maxrss`, minus its RSS before `fit`). Reported per run:
+Each (model, patch, mode) is one `trainer.fit`; on CPU in a fresh subprocess, so peak memory is that run's own
+(the process's peak RSS, `ru_maxrss`, minus its RSS before `fit`); on CUDA in this process by default (`--isolate`),
+peak memory being `max_memory_allocated` above what was allocated before `fit`. Reported per run:
 median step time after warm-up, throughput (patch voxels/s), peak memory, the time the precision plugin's
 `optimizer_step` spends outside the forward/backward closure (grad copy, unscale/inf check, clipping, optimizer
 step, copy back) and its share of the step, and the loss at the last step. Ratios are against `fp32` and `amp`
-of the same invocation.
+of the same invocation. On a CPU shared with other work: `--max-wait 240` waits for idle CPUs before each run,
+`--repeat 2` interleaves repeated runs (their steps are pooled) and `--stat min` reports the least disturbed step.
 
 Modes, each with optional suffixes: `:cl` channels-last 3D, `:compile` torch.compile of the net, `:fused` the
 optimizer with `fused=True`, `:normlow` (mixed only) norm layers fed the low-precision activations uncast:
@@ -326,18 +328,54 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         from torch.profiler import profile as torch_profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        sched = schedule(wait=spec["warmup"], warmup=1, active=max(spec["steps"] - 1, 1), repeat=1)
+        sched = schedule(wait=spec["warmup"], warmup=1, active=sched_steps(spec), repeat=1)
         with torch_profile(activities=activities, schedule=sched, record_shapes=False) as prof:
             timer.on_train_batch_end = _also(timer.on_train_batch_end, prof.step)
             trainer.fit(module, train_dataloaders=loader)
         sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-        Path(profile).write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
+        averages = prof.key_averages()
+        Path(profile).write_text(
+            profile_summary(averages, steps=sched_steps(spec)) + "\n\n" + averages.table(sort_by=sort, row_limit=40)
+        )
     else:
         trainer.fit(module, train_dataloaders=loader)
     result = dict(spec)
     result.update(timer.result)
     result["voxels_per_s"] = spec["batch"] * spec["patch"] ** 3 / (result["step_ms"] / 1000.0)
     return result
+
+
+# Where a step's CPU time goes, by aten op name (self time, so nothing is counted twice).
+PROFILE_GROUPS = {  # first match wins
+    "conv backward": ("convolution_backward",),
+    "conv forward": ("mkldnn_convolution", "_convolution", "convolution", "cudnn_convolution", "slow_conv"),
+    "norm": ("batch_norm", "instance_norm"),
+    "dtype casts / copies": ("copy_", "_to_copy"),
+    "activation (PReLU)": ("prelu",),
+    "loss": ("softmax", "nll_loss", "one_hot", "scatter"),
+    "optimizer + clip + plugin": ("_foreach", "addcdiv", "addcmul", "lerp", "sqrt", "_amp_", "vector_norm", "_fused"),
+}
+
+
+def sched_steps(spec: dict[str, Any]) -> int:
+    return max(spec["steps"] - 1, 1)
+
+
+def profile_summary(averages, steps: int) -> str:
+    """A Markdown table of self CPU time per op group, per step, from `prof.key_averages()`."""
+    totals: dict[str, float] = {}
+    for event in averages:
+        name = event.key.removeprefix("aten::")
+        group = next((g for g, keys in PROFILE_GROUPS.items() if any(k in name for k in keys)), "other")
+        if event.key.startswith(("ProfilerStep", "autograd::", "Optimizer.")):
+            group = "other"  # wrappers: their self time is Python/dispatch overhead
+        totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total / 1000 / steps
+    whole = sum(totals.values())
+    lines = ["| op group | ms per step | share |", "|---|---|---|"]
+    for group, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {group} | {ms:.0f} | {100 * ms / whole:.1f}% |")
+    lines.append(f"| total (self CPU time) | {whole:.0f} | 100% |")
+    return "\n".join(lines)
 
 
 def _also(hook, extra):

@@ -21,10 +21,7 @@ from .conftest import TINY, TINY_UNET
 
 
 def _sweep(name: str) -> str:
-    # `sweep=<name>` once conf/train.yaml lists `sweep: null` in its defaults; `+sweep=<name>` appends it before
-    defaults = OmegaConf.load(CONF_DIR / "train.yaml").defaults
-    listed = any(isinstance(d, dict) and "sweep" in d for d in defaults)
-    return f"{'' if listed else '+'}sweep={name}"
+    return f"sweep={name}"  # conf/train.yaml lists `sweep: null` in its defaults
 
 
 def _train(args: list[str], dataset: Path, tmp_path: Path, multirun: bool = False) -> subprocess.CompletedProcess:
