@@ -94,8 +94,9 @@ class MSDDataModule(pl.LightningDataModule):
         elif not (self.root / "dataset.json").is_file():
             raise ConfigError(f"data.root: no dataset.json in {self.root}")
         self.meta = json.loads((self.root / "dataset.json").read_text())
-        self.spacing = tuple(float(s) for s in spacing) if spacing is not None else self.median_spacing()
-        self.check_patch_size()
+        zooms, shapes = self.geometry()  # headers read once: median spacing and the patch check both need them
+        self.spacing = tuple(float(s) for s in (spacing if spacing is not None else np.median(zooms, axis=0)))
+        self.check_patch_size(zooms, shapes)
         self.train_files: list[dict] = []
         self.val_files: list[dict] = []
 
@@ -139,12 +140,9 @@ class MSDDataModule(pl.LightningDataModule):
             shapes.append(shape)
         return np.stack(zooms), np.stack(shapes)
 
-    def median_spacing(self) -> tuple[float, float, float]:
-        return tuple(float(z) for z in np.median(self.geometry()[0], axis=0))
-
-    def check_patch_size(self) -> None:
-        """A patch larger than every image (after resampling) on some axis would be mostly padding."""
-        zooms, shapes = self.geometry()
+    def check_patch_size(self, zooms: np.ndarray, shapes: np.ndarray) -> None:
+        """A patch larger than every image (after resampling) on some axis would be mostly padding.
+        `zooms`, `shapes`: (N, 3) arrays from `geometry()`."""
         largest = (shapes * zooms / np.asarray(self.spacing)).max(axis=0)
         if any(p > s + 0.5 for p, s in zip(self.patch_size, largest, strict=True)):
             raise ConfigError(
