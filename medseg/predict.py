@@ -58,9 +58,9 @@ class Predictor:
     ) -> None:
         ckpt = load_checkpoint(ckpt_path, allow_unsafe=allow_unsafe_checkpoint)
         info = ckpt["hyper_parameters"]["inference"]
-        self.device = torch.device(
-            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        )
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.net = instantiate(info["net"])
         self.net.load_state_dict(fp32_net_state(ckpt))
         self.net.to(self.device).eval()
