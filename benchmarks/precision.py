@@ -13,7 +13,9 @@ of the same invocation. On a CPU shared with other work: `--max-wait 240` waits 
 `--repeat 2` interleaves repeated runs (their steps are pooled) and `--stat min` reports the least disturbed step.
 
 Modes, each with optional suffixes: `:cl` channels-last 3D, `:compile` torch.compile of the net, `:fused` the
-optimizer with `fused=True`, `:normlow` (mixed only) norm layers fed the low-precision activations uncast:
+optimizer with `fused=True`, `:normfp32` (mixed only) BatchNorm/InstanceNorm fed FP32 copies of their input
+(`norms_in_float32=True`, the plugin's behaviour before 2026-11-26 20:10 UTC, called `mixed` in older tables;
+the `:normlow` of those tables is today's default `mixed`):
     fp32   Trainer(precision="32-true"); on CUDA cuDNN's TF32 is on (PyTorch's default for convolutions)
     amp    "16-mixed": autocast + GradScaler; on CPU Lightning turns it into "bf16-mixed" (see the precision column)
     bf16   "bf16-mixed"
@@ -44,7 +46,7 @@ from torch.utils.data import Dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = ("fp32", "amp", "bf16", "half", "mixed")
-OPTIONS = ("cl", "compile", "fused", "normlow")  # per-mode suffixes: `mixed:cl`, `amp:fused`, `mixed:normlow:cl`
+OPTIONS = ("cl", "compile", "fused", "normfp32")  # per-mode suffixes: `mixed:cl`, `amp:fused`, `mixed:normfp32:cl`
 LABEL_NAMES = ["background", "organ", "tumour"]
 
 
@@ -244,9 +246,12 @@ def synthetic_batches(
     return batches
 
 
-def build_module(model: str, patch: int, fused: bool = False) -> pl.LightningModule:
+def build_module(
+    model: str, patch: int, fused: bool = False, channels_last: bool = False, compile: bool = False
+) -> pl.LightningModule:
     """medseg's SegmentationModule from `conf/model/<model>.yaml` (net, loss, optimizer, schedule as users get);
-    `fused` sets the optimizer's `fused=True` (one kernel per step for all parameters)."""
+    `fused` sets the optimizer's `fused=True` (one kernel per step for all parameters); `channels_last` and
+    `compile` are the module's own options (`model.channels_last`, `model.compile`)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -257,28 +262,15 @@ def build_module(model: str, patch: int, fused: bool = False) -> pl.LightningMod
     if model == "dynunet":
         cfg.net.patch_size, cfg.net.spacing = [patch] * 3, [1.0, 1.0, 1.0]
     make = instantiate(cfg, _partial_=True)
-    return make(label_names=LABEL_NAMES, roi_size=[patch] * 3)
+    return make(label_names=LABEL_NAMES, roi_size=[patch] * 3, channels_last=channels_last, compile=compile)
 
 
-def precision_kwargs(mode: str, device: str, norm_low: bool = False) -> dict[str, Any]:
-    """Trainer kwargs for a mode name: Lightning's precision string, or our plugin (`norm_low`: see below)."""
+def precision_kwargs(mode: str, device: str, norms_in_float32: bool = False) -> dict[str, Any]:
+    """Trainer kwargs for a mode name: Lightning's precision string, or our plugin."""
     if mode == "mixed":
-        from medseg.precision.plugin import NORM_TYPES, MixedPrecision
+        from medseg.precision.plugin import MixedPrecision
 
-        class NormInLowPrecision(MixedPrecision):
-            """What-if for the `:normlow` option: norm layers take the low-precision activations as they come,
-            as autocast does, instead of casting to FP32 and back around each one."""
-
-            def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-                module = super().convert_module(module)
-                for m in module.modules():
-                    if isinstance(m, NORM_TYPES):
-                        m._forward_pre_hooks.clear()
-                        m._forward_pre_hooks_with_kwargs.clear()
-                        m._forward_hooks.clear()
-                return module
-
-        return {"plugins": [(NormInLowPrecision if norm_low else MixedPrecision)(dtype="auto")]}
+        return {"plugins": [MixedPrecision(dtype="auto", norms_in_float32=norms_in_float32)]}
     flags = {"fp32": "32-true", "amp": "16-mixed", "bf16": "bf16-mixed"}
     flags["half"] = "16-true" if device == "cuda" else "bf16-true"
     return {"precision": flags[mode]}
@@ -293,18 +285,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     mode, *options = spec["mode"].split(":")
     unknown = set(options) - set(OPTIONS)
-    if unknown or ("normlow" in options and mode != "mixed"):
-        raise ValueError(f"{spec['mode']}: options are {OPTIONS} (normlow with mixed only)")
+    if unknown or ("normfp32" in options and mode != "mixed"):
+        raise ValueError(f"{spec['mode']}: options are {OPTIONS} (normfp32 with mixed only)")
     channels_last = spec["channels_last"] or "cl" in options
     device = spec["device"]
     torch.backends.cudnn.benchmark = bool(spec.get("cudnn_benchmark"))  # set every run: runs may share a process
     pl.seed_everything(spec["seed"], workers=True, verbose=False)
     batches = synthetic_batches(4, spec["batch"], spec["patch"], spec["seed"], device, channels_last)
-    module = build_module(spec["model"], spec["patch"], fused="fused" in options)
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last_3d)
-    if spec["compile"] or "compile" in options:
-        module.net = torch.compile(module.net)
+    compile = spec["compile"] or "compile" in options
+    module = build_module(spec["model"], spec["patch"], "fused" in options, channels_last, compile)
     timer = StepTimer(warmup=spec["warmup"])
     total = spec["warmup"] + spec["steps"]
     trainer = pl.Trainer(
@@ -319,7 +308,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[timer],
-        **precision_kwargs(mode, device, norm_low="normlow" in options),
+        **precision_kwargs(mode, device, norms_in_float32="normfp32" in options),
     )
     loader = torch.utils.data.DataLoader(FixedBatches(batches, total), batch_size=None)
     profile = spec.get("profile")

@@ -71,24 +71,51 @@ def small_scaler(**kwargs: Any) -> DynamicLossScaler:
     return DynamicLossScaler(init_scale=2.0**8, **kwargs)
 
 
+@pytest.mark.parametrize("norms_in_float32", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_convert_module_keeps_norms_fp32(dtype: str) -> None:
+def test_convert_module_keeps_norms_fp32(dtype: str, norms_in_float32: bool) -> None:
     low = LOW[dtype]
     net = TinyNet()
-    plugin = MixedPrecision(dtype)
+    plugin = MixedPrecision(dtype, norms_in_float32=norms_in_float32)
     plugin.convert_module(plugin.convert_module(net))  # twice: hooks must not pile up
 
     assert net.conv.weight.dtype == net.fc.weight.dtype == net.fc.bias.dtype == low
     for norm in (net.inorm, net.bn):
         assert norm.weight.dtype == norm.bias.dtype == torch.float32
-        assert len(norm._forward_pre_hooks) == len(norm._forward_hooks) == 1
+        # cast hooks only where asked for: by default the kernels take the low dtype themselves
+        assert len(norm._forward_pre_hooks) == len(norm._forward_hooks) == int(norms_in_float32)
     assert net.bn.running_mean.dtype == torch.float32 and net.bn.num_batches_tracked.dtype == torch.int64
     assert net.loss_fn.weight.dtype == torch.float32
     x = torch.randn(2, 1, 4, 4, 4, dtype=low)
-    assert net.bn(net.conv(x)).dtype == low  # norm computes in FP32, hands back the low dtype
+    assert net.bn(net.conv(x)).dtype == low  # statistics in FP32, output in the low dtype
     logits = net(x)
     assert logits.dtype == low
     assert net.loss_fn(input=logits, target=torch.tensor([0, 1])).dtype == torch.float32
+
+
+@pytest.mark.parametrize("norm_type", [nn.InstanceNorm3d, nn.BatchNorm3d])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_norm_statistics_do_not_overflow(dtype: str, norm_type: type[nn.Module]) -> None:
+    """Activations whose squares (and sums) exceed FP16's 65504: the norm must still match FP32."""
+    low = LOW[dtype]
+    x32 = torch.randn(2, 4, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 300 + 1000
+    x = x32.to(low)
+    # what a norm computing its variance in FP16 would get: inf, so this input would catch one
+    assert not torch.isfinite((x.to(torch.float16) ** 2).sum()).item()
+    norm = norm_type(4, affine=True)
+    reference = copy.deepcopy(norm)(x.float())  # FP32 norm of the same rounded input
+    plugin = MixedPrecision(dtype)
+    plugin.convert_module(norm)
+    assert not norm._forward_pre_hooks  # fed the low dtype directly
+    x.requires_grad_(True)
+    out = norm(x)
+    out.float().square().sum().backward()
+    assert out.dtype == low and x.grad is not None and x.grad.dtype == low
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    # normalised values are O(1): the only error left is rounding the output to the low dtype
+    tolerance = 2e-3 if dtype == "float16" else 2e-2
+    assert (out.float() - reference).abs().max().item() < tolerance
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32
 
 
 def test_auto_dtype_is_bfloat16_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
