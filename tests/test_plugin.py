@@ -193,23 +193,38 @@ def _all_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+class StepCalls(Callback):
+    """How often `optimizer.step` ran."""
+
+    calls = 0
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.optimizers[0].register_step_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize(
     ("dtype", "dynamic_bf16"),
     [("float16", False), ("bfloat16", False), ("bfloat16", True)],
     ids=["float16", "bfloat16-static", "bfloat16-dynamic"],
 )
-def test_overflow_skips_the_step(dtype: str, dynamic_bf16: bool) -> None:
+def test_overflow_skips_the_step(dtype: str, dynamic_bf16: bool, optimizer: str) -> None:
     scaler = small_scaler() if dtype == "float16" or dynamic_bf16 else None
     plugin = MixedPrecision(dtype, scaler=scaler, scale_bfloat16=scaler is not None)
-    model, snap = TinyNet(bad_steps=(2,)), Snapshot(batch_idx=2)
-    fit(model, plugin, max_steps=4, callbacks=[snap])
+    model, snap, calls = TinyNet(bad_steps=(2,), adam=optimizer == "adam"), Snapshot(batch_idx=2), StepCalls()
+    fit(model, plugin, max_steps=4, callbacks=[snap, calls])
     before, after = snap.before, snap.after
 
+    # fused Adam is queued before the skip decision and skips itself on the device (its step count undone);
+    # SGD is not stepped at all on the skipped step
+    assert calls.calls == (4 if optimizer == "adam" else 3)
     assert _all_equal(before["weights"], after["weights"])
     assert _all_equal(before["masters"], after["masters"])
     assert before["optimizer"].keys() == after["optimizer"].keys() and len(before["optimizer"]) > 0
+    state_keys = {"exp_avg", "exp_avg_sq", "step"} if optimizer == "adam" else {"momentum_buffer"}
     for key, state in before["optimizer"].items():
-        assert torch.equal(state["momentum_buffer"], after["optimizer"][key]["momentum_buffer"])
+        assert set(state) == state_keys
+        assert all(torch.equal(state[k], after["optimizer"][key][k]) for k in state_keys)
     assert after["skipped"] == before["skipped"] + 1 == 1
     expected_scale = before["scale"] / 2 if scaler is not None else 1.0
     assert after["scale"] == expected_scale

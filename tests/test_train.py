@@ -77,3 +77,32 @@ def test_mixed_matches_fp32(fp32_dice, tiny_dataset, tmp_path):
     """+precision=mixed (bf16 weights on CPU, FP32 masters) ends within 0.02 Dice of fp32, same seed and steps."""
     mixed = _short_run(tiny_dataset, tmp_path, ["+precision=mixed"])
     assert abs(mixed[0] - fp32_dice[0]) < 0.02 and abs(mixed[1] - fp32_dice[1]) < 0.02, (mixed, fp32_dice)
+
+
+def _last_checkpoint(tiny_cfg, *extra: str) -> dict:
+    cfg = tiny_cfg("+precision=mixed", "trainer.max_epochs=1", "test=false", *extra)
+    train(cfg)
+    return torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=True)
+
+
+def test_channels_last_model(tiny_cfg):
+    """`model.channels_last=true`: conv weights and their FP32 masters are NDHWC; names as in a plain run."""
+    state = _last_checkpoint(tiny_cfg, "model.channels_last=true")
+    conv = {k: v for k, v in state["state_dict"].items() if v.ndim == 5}
+    assert conv and all(v.is_contiguous(memory_format=torch.channels_last_3d) for v in conv.values())
+    assert not any(v.is_contiguous() for v in conv.values() if v.shape[1] > 1)  # really another layout
+    masters = [m for m in state["MixedPrecision"]["masters"][0] if m.ndim == 5]
+    assert masters and all(m.is_contiguous(memory_format=torch.channels_last_3d) for m in masters)
+    assert all(n.startswith("net.") and "_orig_mod" not in n for n in state["state_dict"])
+
+
+@pytest.mark.slow
+def test_compiled_model(tiny_cfg):
+    """`model.compile=true` trains through torch.compile and keeps the checkpoint's parameter names."""
+    plain = _last_checkpoint(tiny_cfg, "model.channels_last=false")
+    compiled = _last_checkpoint(tiny_cfg, "model.channels_last=false", "model.compile=true")
+    assert list(compiled["state_dict"]) == list(plain["state_dict"])
+    assert compiled["global_step"] == plain["global_step"] > 0
+    # same seed, data and steps: compiled kernels may round differently, but the weights must stay close
+    for name, value in plain["state_dict"].items():
+        torch.testing.assert_close(compiled["state_dict"][name].float(), value.float(), atol=0.05, rtol=0.05)

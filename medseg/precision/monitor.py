@@ -175,8 +175,8 @@ class PrecisionMonitor(pl.Callback):
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer):
-        # Lightning calls this after AMP has unscaled, and our plugin only once its masters hold unscaled
-        # gradients (never on a step it skips): these are the FP32 gradients the optimizer will apply.
+        # Lightning's AMP plugin and ours call this once the gradients are unscaled and before deciding to skip:
+        # these are the FP32 gradients the optimizer will apply (on_train_batch_end drops them for our skips).
         params = list(trainer.precision_plugin.main_params(optimizer))  # a generator in Lightning's base class
         grads = [p.grad for p in params if p.grad is not None]
         pending = getattr(self, "_pending", None)
@@ -221,6 +221,11 @@ class PrecisionMonitor(pl.Callback):
         if isinstance(loss, Tensor):
             row["_loss"] = loss.detach()
         scale = pending.get("scale_used")
+        if self._plugin is not None and self._plugin.last_step.get("overflow"):
+            # inf/NaN gradients that were never applied: no norm, amax, underflow or lost-update figures
+            pending.update(norms=[], amaxes=[])
+            pending.pop("zero_counts", None)
+            pending.pop("masters", None)
         if self._plugin is not None and self._plugin.last_step:
             # host numbers already: the plugin syncs once per step to decide whether to skip
             last = self._plugin.last_step

@@ -50,6 +50,10 @@ LOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # kernel takes one launch for all masters instead of a dozen multi-tensor ones (measured on an H200, UNet 128^3:
 # 2.6 -> 1.4 ms per step outside forward/backward); on CPU it replaces a Python loop over the parameters.
 FUSED_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+# Fused kernels that skip the whole update on the device when `optimizer.found_inf` is nonzero (the hook torch
+# gives GradScaler) and undo their step count. Not SGD: on a skipped first step its fused path leaves the momentum
+# buffers it allocated with `empty_like` uninitialised.
+DEVICE_SKIP_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
 
 
 def _cast_floating(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -75,6 +79,10 @@ def _prefer_fused(optimizer: Optimizer) -> None:
         supported = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in group["params"])
         if not chosen and supported:
             group["fused"] = True
+
+
+def _skips_on_device(optimizer: Optimizer) -> bool:
+    return type(optimizer) in DEVICE_SKIP_OPTIMIZERS and all(g.get("fused") for g in optimizer.param_groups)
 
 
 def _lightning_module(model: nn.Module) -> "pl.LightningModule | None":
@@ -322,7 +330,12 @@ class MixedPrecision(Precision):
         closure: Callable[[], Any],
         **kwargs: Any,
     ) -> Any:
-        """Backward (in the closure), unscale into the FP32 masters, skip on inf/NaN, else step, copy back."""
+        """Backward (in the closure), unscale into the FP32 masters, clip, step unless inf/NaN, copy back.
+
+        As in Lightning's AMP plugin, ``on_before_optimizer_step`` hooks and clipping run before the skip
+        decision, on every step. With a fused Adam/AdamW the step and the copy back are queued before the one
+        host sync too (the kernel skips itself on inf/NaN), so the GPU never idles while the host launches them.
+        """
         assert self.scaler is not None
         closure_result = closure()
         if closure_result is None:
@@ -334,19 +347,29 @@ class MixedPrecision(Precision):
 
         entry = self._entry(optimizer)
         grads = self._grads_to_masters(entry)
-        overflow = False
+        found_inf: Tensor | None = None
         grad_norm: Tensor | None = None
         if grads:
-            device = grads[0].device
-            found_inf = torch.zeros(1, device=device)
-            inv_scale = self.scaler.inv_scale_tensor(device)
+            found_inf = torch.zeros((), device=grads[0].device)  # 0-dim, as GradScaler: fused Adam needs it
+            inv_scale = self.scaler.inv_scale_tensor(found_inf.device)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
             if dist.is_available() and dist.is_initialized():
                 # every rank must take the same decision, or the replicas drift apart
                 dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-            overflow = bool(found_inf.item())  # the step's one host sync: skipping is decided on the host
-            if self.track_grad_norm and not overflow:
+            if self.track_grad_norm:
                 grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+        self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, then clipping of main_params
+        torch_optimizer = getattr(optimizer, "_optimizer", optimizer)
+        queued = found_inf is not None and _skips_on_device(torch_optimizer)
+        if queued:
+            torch_optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+            try:
+                optimizer.step(**kwargs)
+            finally:
+                del torch_optimizer.found_inf  # type: ignore[attr-defined]
+            self._copy_to_model(entry)  # after a skipped step the masters are unchanged: a no-op copy
+        overflow = found_inf is not None and bool(found_inf.item())  # the step's one host sync
 
         if overflow:
             optimizer.zero_grad(set_to_none=True)  # master grads; the model's were released above
@@ -357,14 +380,18 @@ class MixedPrecision(Precision):
             # Lightning still steps the LR schedulers after a skipped step, as with its AMP plugin
             return None
 
-        self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, then clipping of main_params
-        optimizer.step(**kwargs)
-        if entry.low_model:
-            with torch.no_grad():
-                torch._foreach_copy_(entry.low_model, entry.low_master)
+        if not queued:
+            optimizer.step(**kwargs)
+            self._copy_to_model(entry)
         self.scaler.update(False)
         self._record(overflow=False, grad_norm=grad_norm)
         return closure_result
+
+    @staticmethod
+    def _copy_to_model(entry: _Masters) -> None:
+        if entry.low_model:
+            with torch.no_grad():
+                torch._foreach_copy_(entry.low_model, entry.low_master)
 
     def _grads_to_masters(self, entry: _Masters) -> list[Tensor]:
         """Move the low-precision gradients into the masters' FP32 grads; returns every master gradient."""
@@ -453,9 +480,7 @@ class MixedPrecision(Precision):
                 raise ValueError(f"Checkpoint has {len(saved)} masters, the optimizer {n_run} parameters.")
             with torch.no_grad():
                 torch._foreach_copy_(entry.master_params, list(saved))
-                if entry.low_model:
-                    # the model must hold the rounded masters, exactly as after a step
-                    torch._foreach_copy_(entry.low_model, entry.low_master)
+            self._copy_to_model(entry)  # the model must hold the rounded masters, exactly as after a step
 
     @override
     def teardown(self) -> None:
