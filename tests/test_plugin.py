@@ -22,6 +22,9 @@ _g = torch.Generator().manual_seed(0)
 # 8 samples in batches of 2: four steps an epoch, the same batches in the same order every epoch
 DATA = TensorDataset(torch.randn(8, 1, 4, 4, 4, generator=_g), torch.randint(0, 2, (8,), generator=_g))
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+# CUDA variants run only with `-m gpu` on a machine with a GPU (the default run deselects them)
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NO_CUDA])]
 
 
 class TinyNet(LightningModule):
@@ -60,8 +63,8 @@ class TinyNet(LightningModule):
 
 def fit(model: LightningModule, plugin: MixedPrecision, max_steps: int, **kwargs: Any) -> Trainer:
     ckpt_path = kwargs.pop("ckpt_path", None)
-    kwargs = {"barebones": True} | kwargs
-    trainer = Trainer(accelerator="cpu", plugins=[plugin], max_steps=max_steps, **kwargs)
+    kwargs = {"barebones": True, "accelerator": "cpu", "devices": 1} | kwargs
+    trainer = Trainer(plugins=[plugin], max_steps=max_steps, **kwargs)
     trainer.fit(model, DataLoader(DATA, batch_size=2), ckpt_path=ckpt_path)
     return trainer
 
@@ -93,16 +96,17 @@ def test_convert_module_keeps_norms_fp32(dtype: str, norms_in_float32: bool) -> 
     assert net.loss_fn(input=logits, target=torch.tensor([0, 1])).dtype == torch.float32
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm_type", [nn.InstanceNorm3d, nn.BatchNorm3d])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_norm_statistics_do_not_overflow(dtype: str, norm_type: type[nn.Module]) -> None:
+def test_norm_statistics_do_not_overflow(dtype: str, norm_type: type[nn.Module], device: str) -> None:
     """Activations whose squares (and sums) exceed FP16's 65504: the norm must still match FP32."""
     low = LOW[dtype]
     x32 = torch.randn(2, 4, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 300 + 1000
-    x = x32.to(low)
+    x = x32.to(device=device, dtype=low)
     # what a norm computing its variance in FP16 would get: inf, so this input would catch one
     assert not torch.isfinite((x.to(torch.float16) ** 2).sum()).item()
-    norm = norm_type(4, affine=True)
+    norm = norm_type(4, affine=True).to(device)
     reference = copy.deepcopy(norm)(x.float())  # FP32 norm of the same rounded input
     plugin = MixedPrecision(dtype)
     plugin.convert_module(norm)
@@ -202,17 +206,18 @@ class StepCalls(Callback):
         trainer.optimizers[0].register_step_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize(
     ("dtype", "dynamic_bf16"),
     [("float16", False), ("bfloat16", False), ("bfloat16", True)],
     ids=["float16", "bfloat16-static", "bfloat16-dynamic"],
 )
-def test_overflow_skips_the_step(dtype: str, dynamic_bf16: bool, optimizer: str) -> None:
+def test_overflow_skips_the_step(dtype: str, dynamic_bf16: bool, optimizer: str, device: str) -> None:
     scaler = small_scaler() if dtype == "float16" or dynamic_bf16 else None
     plugin = MixedPrecision(dtype, scaler=scaler, scale_bfloat16=scaler is not None)
     model, snap, calls = TinyNet(bad_steps=(2,), adam=optimizer == "adam"), Snapshot(batch_idx=2), StepCalls()
-    fit(model, plugin, max_steps=4, callbacks=[snap, calls])
+    fit(model, plugin, max_steps=4, callbacks=[snap, calls], accelerator="gpu" if device == "cuda" else "cpu")
     before, after = snap.before, snap.after
 
     # fused Adam is queued before the skip decision and skips itself on the device (its step count undone);
