@@ -5,6 +5,7 @@ the preprocessing (orientation, resampling, cropping, padding) is inverted with 
 """
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -13,13 +14,13 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 from omegaconf import DictConfig
 
 from medseg import CONF_DIR
 from medseg.checkpoint import fp32_net_state, load_checkpoint
 from medseg.data.transforms import preprocess
+from medseg.models.inference import sliding_window_probs
 
 log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -55,6 +56,7 @@ class Predictor:
         sw_batch_size: int = 4,
         overlap: float = 0.5,
         allow_unsafe_checkpoint: bool = False,
+        mirror_axes: Sequence[int] | None = None,
     ) -> None:
         ckpt = load_checkpoint(ckpt_path, allow_unsafe=allow_unsafe_checkpoint)
         info = ckpt["hyper_parameters"]["inference"]
@@ -65,6 +67,10 @@ class Predictor:
         self.net.load_state_dict(fp32_net_state(ckpt))
         self.net.to(self.device).eval()
         self.roi_size, self.sw_batch_size, self.overlap = info["patch_size"], sw_batch_size, overlap
+        # None: mirror as the model was tested after training
+        if mirror_axes is None:
+            mirror_axes = ckpt["hyper_parameters"].get("test_mirror_axes", ())
+        self.mirror_axes = list(mirror_axes)
         self.preprocess = preprocess(
             info["spacing"], info["modality"], info["patch_size"], info["ct_window"], with_label=False
         )
@@ -75,10 +81,10 @@ class Predictor:
         """uint8 mask (X, Y, Z) on the input file's own voxel grid."""
         data = self.preprocess({"image": str(image_path)})
         image = data["image"].unsqueeze(0).to(self.device)
-        logits = sliding_window_inference(
-            image, self.roi_size, self.sw_batch_size, self.net, overlap=self.overlap, mode="gaussian"
+        probs = sliding_window_probs(
+            self.net, image, self.roi_size, self.sw_batch_size, self.overlap, mirror_axes=self.mirror_axes
         )
-        pred = logits.argmax(1, keepdim=True)[0].float().cpu()
+        pred = probs.argmax(1, keepdim=True)[0].float().cpu()
         # The prediction carries the image's record of applied transforms, which Invertd undoes in reverse.
         data["pred"] = MetaTensor(pred, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
         data = self.invert(data)
@@ -89,7 +95,9 @@ def predict(cfg: DictConfig) -> list[Path]:
     inputs = list_inputs(Path(cfg.input))
     output = Path(cfg.output)
     check_output_folder(inputs, output)
-    predictor = Predictor(cfg.ckpt_path, cfg.device, cfg.sw_batch_size, cfg.overlap, cfg.allow_unsafe_checkpoint)
+    predictor = Predictor(
+        cfg.ckpt_path, cfg.device, cfg.sw_batch_size, cfg.overlap, cfg.allow_unsafe_checkpoint, cfg.mirror_axes
+    )
     output.mkdir(parents=True, exist_ok=True)
     written = []
     for path in inputs:

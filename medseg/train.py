@@ -125,6 +125,9 @@ def train(cfg: DictConfig) -> float | None:
     check_config(cfg)
     check_output_dir(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg)
+    fit = cfg.get("train", True)
+    if not fit and not (ckpt_path and cfg.test):
+        raise ConfigError("train=false tests a checkpoint: set ckpt_path=<file.ckpt> (or last) and keep test=true")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
     model = build_model(cfg, datamodule)
@@ -135,7 +138,8 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
 
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        if fit:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except RuntimeError as err:
         # e.g. MixedPrecision giving up on inf/NaN gradients: say where a good state is before re-raising
         ckpt = trainer.checkpoint_callback
@@ -151,7 +155,7 @@ def train(cfg: DictConfig) -> float | None:
             saved[0] if saved else "(none: no OnExceptionCheckpoint callback)",
         )
         raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a terminated job
-    best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback and fit else ckpt_path
     optimized = trainer.callback_metrics.get(cfg.optimized_metric)
     if cfg.optimized_metric.startswith("val/") and trainer.checkpoint_callback:
         best = trainer.checkpoint_callback.best_model_score

@@ -5,9 +5,12 @@ import csv
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from monai.inferers import sliding_window_inference
 from omegaconf import OmegaConf
 
 from medseg.evaluate import evaluate
+from medseg.models.inference import mirror_flips, sliding_window_probs
 from medseg.predict import predict
 from medseg.train import train
 
@@ -59,6 +62,7 @@ def test_predict_mask_has_input_shape_and_affine(checkpoint, tmp_path):
             "sw_batch_size": 2,
             "overlap": 0.25,
             "allow_unsafe_checkpoint": False,
+            "mirror_axes": [0, 1, 2],  # the 8 mirrored passes must invert exactly like one
         }
     )
     [written] = predict(cfg)
@@ -117,3 +121,25 @@ def test_evaluate_names_missing_label(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "pred" / "x.nii.gz")
     with pytest.raises(FileNotFoundError, match="x.nii.gz"):
         evaluate(tmp_path / "pred", tmp_path / "labels", tmp_path / "e.csv")
+
+
+def test_mirrored_prediction_averages_flipped_passes():
+    """Mirroring = the mean of the softmax over the flipped inputs, each flipped back; no axes = one plain pass."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 3, 3, padding=1)  # random kernels: not symmetric, so flips change the output
+    image = torch.randn(1, 1, 10, 12, 9)
+    window = {"roi_size": (8, 8, 8), "sw_batch_size": 2, "overlap": 0.5, "mode": "gaussian"}
+
+    def plain(x):
+        return torch.softmax(sliding_window_inference(x, predictor=net, **window), dim=1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(sliding_window_probs(net, image, **window), plain(image))
+        by_hand = (plain(image) + plain(image.flip(3)).flip(3)) / 2  # axis 1 = Y = tensor dim 3
+        mirrored = sliding_window_probs(net, image, mirror_axes=[1], **window)
+        torch.testing.assert_close(mirrored, by_hand)
+        assert not torch.allclose(mirrored, plain(image), atol=1e-3)
+        torch.testing.assert_close(mirrored.sum(1), torch.ones(1, 10, 12, 9))
+    assert len(mirror_flips([0, 1, 2])) == 8 and mirror_flips([]) == [()]
+    with pytest.raises(ValueError, match="spatial axes"):
+        mirror_flips([3])

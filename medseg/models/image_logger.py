@@ -65,9 +65,9 @@ class ValidationImageLogger(pl.Callback):
 
         plugin = trainer.precision_plugin
         with plugin.forward_context():
-            logits = pl_module.predict_logits(plugin.convert_input(batch["image"]))
+            probs = pl_module.predict_probs(plugin.convert_input(batch["image"]))
         # .float() first: numpy has no bfloat16, and the mixed plugin casts labels too
-        pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)  # (X, Y, Z)
+        pred = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)  # (X, Y, Z)
         label = batch["label"][0, 0].float().cpu().numpy().astype(np.uint8)
         image = batch["image"][0, 0].float().cpu().numpy()
         z = image.shape[-1] // 2

@@ -5,10 +5,11 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from torch import nn
+
+from medseg.models.inference import mirror_flips, sliding_window_probs
 
 
 class SegmentationModule(pl.LightningModule):
@@ -21,6 +22,8 @@ class SegmentationModule(pl.LightningModule):
     label_names: class names, index 0 background (from dataset.json).
     roi_size: sliding-window ROI, the training patch size.
     sw_batch_size, overlap, sw_mode: `monai.inferers.sliding_window_inference` settings.
+    test_mirror_axes: spatial axes (0, 1, 2) whose flips are averaged at test time (and by `medseg.predict`
+        unless it is told otherwise): nnU-Net's mirroring, 2^len passes. Validation during training uses none.
     inference: what `medseg.predict` needs to rebuild the net and preprocessing (net config, spacing,
         modality...); only stored in the checkpoint's hyper-parameters.
     channels_last: hold conv weights and feed inputs in `torch.channels_last_3d` (NDHWC). `"auto"`: on CPU
@@ -44,8 +47,12 @@ class SegmentationModule(pl.LightningModule):
         inference: dict | None = None,
         channels_last: bool | Literal["auto"] = False,
         compile: bool = False,
+        test_mirror_axes: Sequence[int] = (),
     ) -> None:
         super().__init__()
+        # plain ints before save_hyperparameters: a ListConfig from Hydra would make the checkpoint unloadable
+        # with weights_only=True
+        test_mirror_axes = [int(a) for a in test_mirror_axes]
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
         self.net, self.loss_fn = net, loss
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
@@ -55,6 +62,7 @@ class SegmentationModule(pl.LightningModule):
         if channels_last not in (True, False, "auto"):
             raise ValueError(f"model.channels_last must be true, false or 'auto', got {channels_last!r}")
         self.channels_last = channels_last
+        mirror_flips(test_mirror_axes)  # fail here, not after training, on a bad axis
 
     def setup(self, stage: str) -> None:
         # before the strategy moves and converts the net, so the masters and optimizer state inherit the layout
@@ -84,27 +92,28 @@ class SegmentationModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
-    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Whole-volume logits, float32 (B, C_out, X, Y, Z), by gaussian-blended sliding windows."""
-        return sliding_window_inference(
+    def predict_probs(self, image: torch.Tensor, mirror_axes: Sequence[int] = ()) -> torch.Tensor:
+        """Whole-volume class probabilities, float32 (B, C_out, X, Y, Z), by gaussian-blended sliding windows."""
+        return sliding_window_probs(
+            self,
             image,
             roi_size=self.hparams.roi_size,
             sw_batch_size=self.hparams.sw_batch_size,
-            predictor=lambda patch: self(patch).float(),
             overlap=self.hparams.overlap,
             mode=self.hparams.sw_mode,
+            mirror_axes=mirror_axes,
         )
 
-    def _one_hot_pair(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.predict_logits(batch["image"])
+    def _one_hot_pair(self, batch: dict, mirror_axes: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.predict_probs(batch["image"], mirror_axes)
         n = len(self.label_names)
-        return one_hot(logits.argmax(1, keepdim=True), n), one_hot(batch["label"].long(), n)
+        return one_hot(probs.argmax(1, keepdim=True), n), one_hot(batch["label"].long(), n)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.dice(*self._one_hot_pair(batch))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        pred, target = self._one_hot_pair(batch)
+        pred, target = self._one_hot_pair(batch, self.hparams.test_mirror_axes)
         self.dice(pred, target)
         # Validation volumes are at the target spacing, so this makes HD95 millimetres.
         spacing = (self.hparams.inference or {}).get("spacing")
