@@ -3,6 +3,7 @@
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,8 +80,10 @@ def test_mixed_matches_fp32(fp32_dice, tiny_dataset, tmp_path):
     assert abs(mixed[0] - fp32_dice[0]) < 0.02 and abs(mixed[1] - fp32_dice[1]) < 0.02, (mixed, fp32_dice)
 
 
-def _last_checkpoint(tiny_cfg, *extra: str) -> dict:
+def _last_checkpoint(tiny_cfg, *extra: str, run: str = "run") -> dict:
     cfg = tiny_cfg("+precision=mixed", "trainer.max_epochs=1", "test=false", *extra)
+    # one folder per run: a run dir holding last.ckpt is resumed from it (requeued jobs)
+    cfg.paths.output_dir = str(Path(cfg.paths.output_dir).with_name(run))
     train(cfg)
     return torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=True)
 
@@ -99,8 +102,12 @@ def test_channels_last_model(tiny_cfg):
 @pytest.mark.slow
 def test_compiled_model(tiny_cfg):
     """`model.compile=true` trains through torch.compile and keeps the checkpoint's parameter names."""
+    from torch._dynamo.utils import counters
+
     plain = _last_checkpoint(tiny_cfg, "model.channels_last=false")
-    compiled = _last_checkpoint(tiny_cfg, "model.channels_last=false", "model.compile=true")
+    counters.clear()
+    compiled = _last_checkpoint(tiny_cfg, "model.channels_last=false", "model.compile=true", run="compiled")
+    assert counters["stats"]["unique_graphs"] > 0  # dynamo really traced the net
     assert list(compiled["state_dict"]) == list(plain["state_dict"])
     assert compiled["global_step"] == plain["global_step"] > 0
     # same seed, data and steps: compiled kernels may round differently, but the weights must stay close
@@ -115,7 +122,7 @@ def test_train_false_tests_a_checkpoint(tiny_cfg):
     state = _last_checkpoint(tiny_cfg)
     with pytest.raises(ConfigError, match="ckpt_path"):
         train(tiny_cfg("train=false"))
-    ckpt = tiny_cfg().paths.output_dir + "/checkpoints/last.ckpt"
+    ckpt = str(Path(tiny_cfg().paths.output_dir).with_name("run") / "checkpoints" / "last.ckpt")
     cfg = tiny_cfg("+precision=mixed", "train=false", f"ckpt_path={ckpt}", "model.test_mirror_axes=[0,1,2]")
     cfg.paths.output_dir += "_test"
     train(cfg)

@@ -29,7 +29,7 @@ class SegmentationModule(pl.LightningModule):
     channels_last: hold conv weights and feed inputs in `torch.channels_last_3d` (NDHWC). `"auto"`: on CPU
         only, where oneDNN's NDHWC convolutions are 10-23 % faster; on an H200 it gained nothing and took more
         memory (benchmarks/RESULTS.md).
-    compile: `torch.compile` the net in place (`nn.Module.compile`: parameter names and checkpoints unchanged).
+    compile: `torch.compile` the net (parameter names and checkpoints unchanged).
         Costs 15-30 s at the start; the GPU step is 1.7-1.8x faster, the CPU step ~17 %.
     """
 
@@ -63,6 +63,7 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError(f"model.channels_last must be true, false or 'auto', got {channels_last!r}")
         self.channels_last = channels_last
         mirror_flips(test_mirror_axes)  # fail here, not after training, on a bad axis
+        self._compiled_net: nn.Module | None = None
 
     def setup(self, stage: str) -> None:
         # before the strategy moves and converts the net, so the masters and optimizer state inherit the layout
@@ -70,14 +71,18 @@ class SegmentationModule(pl.LightningModule):
             self.channels_last = self.trainer.strategy.root_device.type == "cpu"
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last_3d)
-        if self.hparams.compile and getattr(self.net, "_compiled_call_impl", None) is None:
-            self.net.compile()
+        if self.hparams.compile and self._compiled_net is None:
+            # torch.compile's wrapper, kept out of the module tree (object.__setattr__) so parameter names and
+            # checkpoints stay those of the plain net. Not `self.net.compile()`: torch 2.13's CPU build silently
+            # runs such a module uncompiled. Static shapes: training patches and sliding windows come in a few
+            # fixed sizes, and the dynamic-shape recompile failed in Inductor (torch 2.13, CPU).
+            object.__setattr__(self, "_compiled_net", torch.compile(self.net, dynamic=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, X, Y, Z) -> logits in the net's dtype (see the class docstring for deep supervision)."""
         if self.channels_last is True and x.ndim == 5:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        return self.net(x)
+        return (self.net if self._compiled_net is None else self._compiled_net)(x)
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Loss reductions in FP32 whatever the weights are: a Dice sum over a 3D patch overflows FP16.
