@@ -30,7 +30,7 @@ class SegmentationModule(pl.LightningModule):
         only, where oneDNN's NDHWC convolutions are 10-23 % faster; on an H200 it gained nothing and took more
         memory (benchmarks/RESULTS.md).
     compile: `torch.compile` the net (parameter names and checkpoints unchanged).
-        Costs 15-30 s at the start; the GPU step is 1.7-1.8x faster, the CPU step ~17 %.
+        Costs 15-30 s at the start; the GPU step is 1.5-1.8x faster (H200, UNet/DynUNet 128^3), the CPU step ~17 %.
     """
 
     def __init__(
