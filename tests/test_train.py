@@ -106,8 +106,10 @@ def test_compiled_model(tiny_cfg):
 
     plain = _last_checkpoint(tiny_cfg, "model.channels_last=false")
     counters.clear()
-    compiled = _last_checkpoint(tiny_cfg, "model.channels_last=false", "model.compile=true", run="compiled")
+    with pytest.warns(Warning, match="per-layer stats are off"):  # their hooks would force recompiles
+        compiled = _last_checkpoint(tiny_cfg, "model.channels_last=false", "model.compile=true", run="compiled")
     assert counters["stats"]["unique_graphs"] > 0  # dynamo really traced the net
+    assert not counters["unimplemented"]  # and never gave up on it (recompile limit, unsupported code)
     assert list(compiled["state_dict"]) == list(plain["state_dict"])
     assert compiled["global_step"] == plain["global_step"] > 0
     # same seed, data and steps: compiled kernels may round differently, but the weights must stay close

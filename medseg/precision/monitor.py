@@ -142,6 +142,12 @@ class PrecisionMonitor(pl.Callback):
         self._device = trainer.strategy.root_device
         self._cuda = self._device.type == "cuda"
         self._layers: list[tuple[str, nn.Module]] | None = None  # found on the first costly step
+        self._layer_stats = self.layer_stats
+        if self.layer_stats and getattr(pl_module, "_compiled_net", None) is not None:
+            # hooks added and removed every n steps would make torch.compile retrace the net each time, until it
+            # gives up and runs it uncompiled (seen on CPU: recompile_limit hit in the first epoch)
+            self._layer_stats = False
+            rank_zero_warn("PrecisionMonitor: per-layer stats are off while the net is compiled (model.compile)")
 
     # ------------------------------------------------------------------ per step
     # A cheap step launches a handful of tiny device ops (two multi-tensor norms and their reductions) and keeps
@@ -162,7 +168,7 @@ class PrecisionMonitor(pl.Callback):
             self._pending["start"] = time.perf_counter()
         self._acts: dict[str, Tensor] = {}
         self._out_grads: dict[str, Tensor] = {}
-        if self._costly and self.layer_stats:
+        if self._costly and self._layer_stats:
             self._add_layer_hooks(pl_module)
 
     def _scale_used(self) -> float | Tensor | None:
