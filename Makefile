@@ -22,5 +22,5 @@ test: install
 	$(PY) -m pytest $(ARGS)
 
 lint: install
-	$(PY) -m ruff check medseg tests benchmarks
-	$(PY) -m ruff format --check medseg tests benchmarks
+	$(PY) -m ruff check medseg tests benchmarks notebooks
+	$(PY) -m ruff format --check medseg tests benchmarks notebooks
