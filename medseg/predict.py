@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from medseg import CONF_DIR
 from medseg.checkpoint import fp32_net_state, load_checkpoint
 from medseg.data.transforms import preprocess
-from medseg.models.inference import sliding_window_probs
+from medseg.models.inference import mirror_flips, sliding_window_probs
 
 log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -71,6 +71,10 @@ class Predictor:
         if mirror_axes is None:
             mirror_axes = ckpt["hyper_parameters"].get("test_mirror_axes", ())
         self.mirror_axes = list(mirror_axes)
+        try:
+            mirror_flips(self.mirror_axes)  # before any image is read
+        except ValueError as err:
+            raise ValueError(f"mirror_axes: {err}") from None
         self.preprocess = preprocess(
             info["spacing"], info["modality"], info["patch_size"], info["ct_window"], with_label=False
         )

@@ -48,7 +48,12 @@ def build_model(cfg: DictConfig, datamodule) -> pl.LightningModule:
     # Partial, then called with plain Python values: kwargs merged into the config would come back as
     # ListConfig/DictConfig, which a weights_only checkpoint load refuses.
     make_module = build(cfg.model, _partial_=True)
-    return make_module(label_names=datamodule.label_names, roi_size=list(datamodule.patch_size), inference=inference)
+    try:
+        return make_module(
+            label_names=datamodule.label_names, roi_size=list(datamodule.patch_size), inference=inference
+        )
+    except ValueError as err:  # a model.* value the module refuses: one line naming the key
+        raise ConfigError(f"model.{err}") from None
 
 
 def build(node: DictConfig, **kwargs):
@@ -155,7 +160,9 @@ def train(cfg: DictConfig) -> float | None:
             saved[0] if saved else "(none: no OnExceptionCheckpoint callback)",
         )
         raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a terminated job
-    best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback and fit else ckpt_path
+    best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not fit:
+        best_ckpt = ckpt_path
     optimized = trainer.callback_metrics.get(cfg.optimized_metric)
     if cfg.optimized_metric.startswith("val/") and trainer.checkpoint_callback:
         best = trainer.checkpoint_callback.best_model_score

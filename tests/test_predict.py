@@ -73,6 +73,18 @@ def test_predict_mask_has_input_shape_and_affine(checkpoint, tmp_path):
     assert set(values.tolist()) <= {0, 1, 2} and mask.get_data_dtype() == np.uint8
 
 
+def test_predict_refuses_bad_mirror_axes_before_writing(checkpoint, tmp_path):
+    _odd_input(tmp_path / "in")
+    cfg = OmegaConf.create(
+        {"ckpt_path": str(checkpoint), "input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
+         "device": "cpu", "sw_batch_size": 2, "overlap": 0.25, "allow_unsafe_checkpoint": False,
+         "mirror_axes": [0, 4]}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"mirror_axes: must list spatial axes 0, 1 or 2, got \[0, 4\]"):
+        predict(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("where", ["same", "inside"])
 def test_predict_refuses_output_in_input_folder(checkpoint, tmp_path, where):
     src = _odd_input(tmp_path / "in")

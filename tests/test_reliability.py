@@ -105,6 +105,9 @@ def test_full_disk_fails_before_training(tmp_path):
         ("++model.optimizer.lrr=0.1", "model.optimizer.lrr: unknown option for torch.optim.AdamW"),
         ("data.patch_size=[30,32,32]", "data.patch_size: .* must be divisible by 4"),
         ("data.patch_size=[96,96,96]", "data.patch_size: .* larger than every image"),
+        ("model.test_mirror_axes=[0,3]", r"model.test_mirror_axes: must list spatial axes 0, 1 or 2, got \[0, 3\]"),
+        ("model.test_mirror_axes=[x]", "model.test_mirror_axes: invalid literal"),
+        ("model.channels_last=sideways", "model.channels_last: must be true, false or 'auto', got 'sideways'"),
     ],
 )
 def test_bad_settings_fail_naming_the_key(override, message, tiny_cfg):
@@ -119,6 +122,7 @@ def test_bad_settings_fail_naming_the_key(override, message, tiny_cfg):
         ("model=nosuch", "Could not find 'model/nosuch'"),
         ("model.optimizer.lr=-1", "medseg: model.optimizer.lr: must be > 0"),
         ("data.root=/nonexistent/Task99", "dataset.json"),
+        ("model.test_mirror_axes=[5]", "medseg: model.test_mirror_axes: must list spatial axes"),
     ],
 )
 def test_cli_errors_are_one_message_without_traceback(override, message, tiny_dataset, tmp_path):

@@ -12,7 +12,7 @@ def mirror_flips(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
     subset (no flip) first. Three axes give nnU-Net's 8 mirrored passes."""
     dims = sorted({int(a) + 2 for a in mirror_axes})
     if any(d not in (2, 3, 4) for d in dims):
-        raise ValueError(f"mirror axes must be spatial axes 0, 1 or 2, got {list(mirror_axes)}")
+        raise ValueError(f"must list spatial axes 0, 1 or 2, got {list(mirror_axes)}")
     return [combo for r in range(len(dims) + 1) for combo in itertools.combinations(dims, r)]
 
 

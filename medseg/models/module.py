@@ -51,18 +51,21 @@ class SegmentationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         # plain ints before save_hyperparameters: a ListConfig from Hydra would make the checkpoint unloadable
-        # with weights_only=True
-        test_mirror_axes = [int(a) for a in test_mirror_axes]
+        # with weights_only=True; a bad axis fails here, not after training
+        try:
+            test_mirror_axes = [int(a) for a in test_mirror_axes]
+            mirror_flips(test_mirror_axes)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"test_mirror_axes: {err}") from None
+        if channels_last not in (True, False, "auto"):
+            raise ValueError(f"channels_last: must be true, false or 'auto', got {channels_last!r}")
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
         self.net, self.loss_fn = net, loss
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.label_names = list(label_names)
         self.dice = DiceMetric(include_background=False, reduction="mean_batch")
         self.hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch")
-        if channels_last not in (True, False, "auto"):
-            raise ValueError(f"model.channels_last must be true, false or 'auto', got {channels_last!r}")
         self.channels_last = channels_last
-        mirror_flips(test_mirror_axes)  # fail here, not after training, on a bad axis
         self._compiled_net: nn.Module | None = None
 
     def setup(self, stage: str) -> None:
