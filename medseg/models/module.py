@@ -9,6 +9,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from torch import nn
 
+from medseg.models.channels_last import to_channels_last
 from medseg.models.inference import mirror_flips, sliding_window_probs
 
 
@@ -26,9 +27,10 @@ class SegmentationModule(pl.LightningModule):
         unless it is told otherwise): nnU-Net's mirroring, 2^len passes. Validation during training uses none.
     inference: what `medseg.predict` needs to rebuild the net and preprocessing (net config, spacing,
         modality...); only stored in the checkpoint's hyper-parameters.
-    channels_last: hold conv weights and feed inputs in `torch.channels_last_3d` (NDHWC). `"auto"`: on CPU
-        only, where oneDNN's NDHWC convolutions are 10-23 % faster; on an H200 it gained nothing and took more
-        memory (benchmarks/RESULTS.md).
+    channels_last: hold conv weights and feed inputs in `torch.channels_last_3d` (NDHWC), with instance norms
+        that keep that layout (`medseg.models.channels_last`). `"auto"`: on CPU only, where oneDNN's NDHWC
+        convolutions make steps 5-25 % faster; on an H200 it gained nothing and took more memory
+        (benchmarks/RESULTS.md).
     compile: `torch.compile` the net (parameter names and checkpoints unchanged).
         Costs 15-30 s at the start; the GPU step is 1.5-1.8x faster (H200, UNet/DynUNet 128^3), the CPU step ~17 %.
     """
@@ -73,7 +75,7 @@ class SegmentationModule(pl.LightningModule):
         if self.channels_last == "auto":
             self.channels_last = self.trainer.strategy.root_device.type == "cpu"
         if self.channels_last:
-            self.net.to(memory_format=torch.channels_last_3d)
+            to_channels_last(self.net)
         if self.hparams.compile and self._compiled_net is None:
             # torch.compile's wrapper, kept out of the module tree (object.__setattr__) so parameter names and
             # checkpoints stay those of the plain net. Not `self.net.compile()`: torch 2.13's CPU build silently
