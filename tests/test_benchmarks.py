@@ -50,3 +50,14 @@ def test_data_benchmark_skips_missing_dataset(tmp_path: Path, capsys) -> None:
     data = _script("data")
     data.main(["--datasets", "msd", "--override", f"data.root={tmp_path / 'absent'}"])
     assert "skipped: no dataset.json" in capsys.readouterr().out
+
+
+def test_saved_memory_splits_net_and_loss(capsys) -> None:
+    """The low-dtype net saves about half the bytes of the FP32 one; the FP32 loss saves the same in both."""
+    saved = _script("saved_memory")
+    (row,) = saved.main(["--patch", "32", "--batch", "1"])
+    assert "| 32^3 |" in capsys.readouterr().out
+    assert 0.45 < row["low_net"] / row["fp32_net"] < 0.6
+    assert row["low_loss"] == row["fp32_loss"] > 0
+    # softmax, log-softmax and the one-hot target, FP32 (1, 3, 32^3) each, plus the int64 labels
+    assert row["fp32_loss"] >= 3 * 3 * 32**3 * 4 / 2**20
