@@ -29,7 +29,7 @@ class SegmentationModule(pl.LightningModule):
         modality...); only stored in the checkpoint's hyper-parameters.
     channels_last: hold conv weights and feed inputs in `torch.channels_last_3d` (NDHWC), with instance norms
         that keep that layout (`medseg.models.channels_last`). `"auto"`: on CPU only, where oneDNN's NDHWC
-        convolutions make steps 5-25 % faster; on an H200 it gained nothing and took more memory
+        convolutions make steps 4-38 % faster; on an H200 it gained nothing and took more memory
         (benchmarks/RESULTS.md).
     compile: `torch.compile` the net (parameter names and checkpoints unchanged).
         Costs 15-30 s at the start; the GPU step is 1.5-1.8x faster (H200, UNet/DynUNet 128^3), the CPU step ~17 %.
