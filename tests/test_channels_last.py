@@ -6,9 +6,16 @@ from monai.networks.nets import UNet
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from medseg.models import channels_last
 from medseg.models.channels_last import ChannelsLastInstanceNorm3d, to_channels_last
 
 CL = torch.channels_last_3d
+
+
+@pytest.fixture
+def every_size(monkeypatch):
+    """The per-sample path for the small tensors of these tests too (it starts at MIN_BYTES otherwise)."""
+    monkeypatch.setattr(channels_last, "MIN_BYTES", 0)
 
 
 def _norm_pair(affine: bool) -> tuple[nn.Module, nn.Module]:
@@ -24,7 +31,7 @@ def _norm_pair(affine: bool) -> tuple[nn.Module, nn.Module]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("affine", [False, True])
-def test_instance_norm_matches_torch_and_keeps_the_layout(affine, dtype):
+def test_instance_norm_matches_torch_and_keeps_the_layout(affine, dtype, every_size):
     ref, ours = _norm_pair(affine)
     assert type(ours) is ChannelsLastInstanceNorm3d
     # per-sample, per-channel offsets and scales, so statistics mixed across samples or channels would show
@@ -49,7 +56,7 @@ def test_instance_norm_matches_torch_and_keeps_the_layout(affine, dtype):
         torch.testing.assert_close(ours.bias.grad, ref.bias.grad, atol=1e-3, rtol=1e-3)
 
 
-def test_falls_back_where_it_would_change_the_result():
+def test_falls_back_where_it_would_change_the_result(every_size):
     """NCDHW input, and running statistics: torch's own path, with its results and running-stat updates."""
     x = torch.randn(2, 3, 4, 4, 4) * 3 + 1
     plain = nn.InstanceNorm3d(3)
@@ -63,6 +70,19 @@ def test_falls_back_where_it_would_change_the_result():
     torch.testing.assert_close(tracked(x.contiguous(memory_format=CL)), tracked_ref(x))
     torch.testing.assert_close(tracked.running_mean, tracked_ref.running_mean)
     assert tracked.running_mean.abs().sum() > 0  # updated once, as torch's is
+
+
+def test_small_inputs_take_torchs_path():
+    """Under MIN_BYTES torch's copy is cheaper than the per-sample kernel: same result, torch's NCDHW output."""
+    norm = to_channels_last(nn.Sequential(nn.InstanceNorm3d(4)))[0]
+    small = torch.randn(2, 4, 6, 6, 6).contiguous(memory_format=CL)
+    assert small.numel() * small.element_size() < channels_last.MIN_BYTES
+    assert norm(small).is_contiguous()
+    # at the threshold: (2, 16, 64^3) BF16 activations of a 128^3 UNet, 16 MiB
+    large = torch.randn(2, 16, 64, 64, 64, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    y = to_channels_last(nn.Sequential(nn.InstanceNorm3d(16)))[0](large)
+    assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
+    torch.testing.assert_close(y.float(), nn.InstanceNorm3d(16)(large).float(), atol=0.04, rtol=0.02)
 
 
 def test_to_channels_last_keeps_names_and_other_norms():
@@ -89,7 +109,7 @@ class _CountCopies(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_channels_last_unet_forward_makes_no_layout_copies(dtype):
+def test_channels_last_unet_forward_makes_no_layout_copies(dtype, every_size):
     """torch's InstanceNorm3d copies every NDHWC input to NCDHW (one copy per norm layer); ours none."""
     torch.manual_seed(0)
     make = dict(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2))

@@ -4,7 +4,9 @@ aten's ``instance_norm`` views its input as (1, N*C, D, H, W) for ``batch_norm``
 an NDHWC tensor it makes an NCDHW copy and returns NCDHW, and the next convolution (NDHWC weights) converts back,
 in the forward and again in the backward pass. Profiled on CPU (MONAI UNet, 96^3, batch 2) those copies were 16 %
 of the step. Batch norm over one sample at a time is the same instance norm, and oneDNN/ATen run it on NDHWC
-directly (2.3x faster forward + backward on this CPU, output stays NDHWC).
+directly and its output stays NDHWC. That pays for large activations, whose NCDHW copy is a cache-unfriendly
+transpose (UNet 128^3: -23 % fp32 step); on small ones, which stay in cache, torch's copy is cheap and the per-sample
+kernel slower (UNet 48^3 x4, fp32: +15 % step when every norm took this path), hence `MIN_BYTES`.
 """
 
 import torch
@@ -12,12 +14,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+# Activations smaller than this (whole batch) take torch's path. Measured on a 2-core Zen 4 (benchmarks/RESULTS.md).
+MIN_BYTES = 8 * 2**20
+
+
 class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
-    """``nn.InstanceNorm3d`` that normalises an NDHWC CPU input without leaving that layout.
+    """``nn.InstanceNorm3d`` that normalises a large NDHWC CPU input without leaving that layout.
 
     Same parameters, state-dict keys and results (to rounding) as its parent, which it falls back to for
-    anything else: NCDHW input, CUDA tensors (not measured there) and running statistics (batch norm per sample
-    would update them once per sample).
+    anything else: inputs under `MIN_BYTES`, NCDHW input, CUDA tensors (not measured there) and running
+    statistics (batch norm per sample would update them once per sample).
     """
 
     def forward(self, input: Tensor) -> Tensor:
@@ -34,6 +40,7 @@ class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
         return (
             input.dim() == 5
             and input.device.type == "cpu"
+            and input.numel() * input.element_size() >= MIN_BYTES
             and not self.track_running_stats
             and input.is_contiguous(memory_format=torch.channels_last_3d)
             and not input.is_contiguous()
