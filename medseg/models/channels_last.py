@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 # Activations smaller than this (whole batch) take torch's path. Measured on a 2-core Zen 4 (benchmarks/RESULTS.md).
 MIN_BYTES = 8 * 2**20
 
