@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from medseg.precision.plugin import MixedPrecision
 
 sys.path.insert(0, str(Path(__file__).parent))  # a folder of scripts: the sibling script, also when imported
 from precision import LABEL_NAMES, build_module, synthetic_batches  # noqa: E402
@@ -34,22 +35,17 @@ def saved_mib(fn) -> tuple[torch.Tensor, float]:
     return out, sum(storages.values()) / 2**20
 
 
-def to_low_dtype(net: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The net as `MixedPrecision.convert_module` leaves it: low-precision weights, FP32 norm parameters."""
-    from medseg.precision.plugin import NORM_TYPES
-
-    net.to(dtype)
-    for module in net.modules():
-        if isinstance(module, NORM_TYPES):
-            module.float()
-    return net
-
-
-def measure(model: str, patch: int, batch: int, dtype: torch.dtype) -> dict[str, float]:
+def measure(model: str, patch: int, batch: int, low: str | None) -> dict[str, float]:
+    """Saved MiB of the net's forward and of the loss; `low` None for FP32, else the plugin's dtype name."""
     module = build_module(model, patch)
-    net = module.net.train() if dtype == torch.float32 else to_low_dtype(module.net.train(), dtype)
+    net = module.net.train()
     data = synthetic_batches(1, batch, patch, seed=0, device="cpu", channels_last=False)[0]
-    logits, net_mib = saved_mib(lambda: net(data["image"].to(dtype)))
+    image = data["image"]
+    if low is not None:  # the net and batch exactly as the plugin converts them
+        plugin = MixedPrecision(dtype=low)
+        net = plugin.convert_module(net)
+        image = plugin.convert_input(image)
+    logits, net_mib = saved_mib(lambda: net(image))
     _, loss_mib = saved_mib(lambda: module.compute_loss(logits, data["label"]))
     return {"net": net_mib, "loss": loss_mib}
 
@@ -62,15 +58,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     # same bytes either way; bfloat16 because FP16 convolutions crawl on CPUs
     parser.add_argument("--low", default="bfloat16", choices=["float16", "bfloat16"])
     args = parser.parse_args(argv)
-    low = getattr(torch, args.low)
     print(f"{args.model}, batch {args.batch}, {len(LABEL_NAMES)} classes; saved for backward, MiB")
     print("| patch | fp32 net | fp32 loss | low net | low loss | loss share (low) | low/fp32 | low/fp32 without loss |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for patch in args.patch:
         torch.manual_seed(0)
-        fp32 = measure(args.model, patch, args.batch, torch.float32)
-        half = measure(args.model, patch, args.batch, low)
+        fp32 = measure(args.model, patch, args.batch, None)
+        half = measure(args.model, patch, args.batch, args.low)
         total32, total16 = fp32["net"] + fp32["loss"], half["net"] + half["loss"]
         print(
             f"| {patch}^3 | {fp32['net']:.0f} | {fp32['loss']:.0f} | {half['net']:.0f} | {half['loss']:.0f} | "
