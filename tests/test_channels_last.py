@@ -24,7 +24,7 @@ def _norm_pair(affine: bool) -> tuple[nn.Module, nn.Module]:
     if affine:  # not the identity init, so a wrong channel order would show
         nn.init.uniform_(ref.weight, 0.5, 2.0)
         nn.init.uniform_(ref.bias, -1.0, 1.0)
-    ours = to_channels_last(nn.Sequential(ref.__class__(6, affine=affine)))[0]
+    ours = to_channels_last(nn.Sequential(nn.InstanceNorm3d(6, affine=affine)))[0]
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
