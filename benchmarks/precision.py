@@ -20,7 +20,7 @@ the `:normlow` of those tables is today's default `mixed`):
     amp    "16-mixed": autocast + GradScaler; on CPU Lightning turns it into "bf16-mixed" (see the precision column)
     bf16   "bf16-mixed"
     half   "16-true" on CUDA, "bf16-true" on CPU: low-precision weights, no FP32 masters, no loss scaling
-    mixed  medseg.precision.plugin.MixedPrecision(dtype="auto"): FP16 (CUDA) / BF16 (CPU) weights, FP32 masters
+    mixed  medseg.precision.plugin.MasterWeightPrecision(dtype="auto"): FP16 (CUDA) / BF16 (CPU) weights, FP32 masters
 
 The data are a few fixed synthetic batches (spheres of classes 1 and 2 in noise, seed 0) kept on the device, so
 the loader never limits a step; benchmarks/data.py measures the loaders. `StepTimer` is also a Lightning
@@ -43,6 +43,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import Dataset
+
+from medseg.tracking.tables import markdown_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = ("fp32", "amp", "bf16", "half", "mixed")
@@ -266,14 +268,19 @@ def build_module(
 
 
 def precision_kwargs(mode: str, device: str, norms_in_float32: bool = False) -> dict[str, Any]:
-    """Trainer kwargs for a mode name: Lightning's precision string, or our plugin."""
-    if mode == "mixed":
-        from medseg.precision.plugin import MixedPrecision
+    """Trainer kwargs for a mode, from `conf/precision/<mode>.yaml` exactly as `+precision=<mode>` composes it."""
+    from hydra import compose, initialize_config_dir
 
-        return {"plugins": [MixedPrecision(dtype="auto", norms_in_float32=norms_in_float32)]}
-    flags = {"fp32": "32-true", "amp": "16-mixed", "bf16": "bf16-mixed"}
-    flags["half"] = "16-true" if device == "cuda" else "bf16-true"
-    return {"precision": flags[mode]}
+    from medseg.train import precision_kwargs as trainer_precision
+
+    overrides = [f"+precision={mode}"]
+    if mode == "half" and device == "cuda":
+        overrides.append("precision.lightning=16-true")  # conf/precision/half.yaml's GPU setting
+    if norms_in_float32:
+        overrides.append("precision.plugin.norms_in_float32=true")
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return trainer_precision(cfg.precision)
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -360,11 +367,12 @@ def profile_summary(averages, steps: int) -> str:
             group = "other"  # wrappers: their self time is Python/dispatch overhead
         totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total / 1000 / steps
     whole = sum(totals.values())
-    lines = ["| op group | ms per step | share |", "|---|---|---|"]
-    for group, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {group} | {ms:.0f} | {100 * ms / whole:.1f}% |")
-    lines.append(f"| total (self CPU time) | {whole:.0f} | 100% |")
-    return "\n".join(lines)
+    rows = [
+        {"op group": group, "ms per step": f"{ms:.0f}", "share": f"{100 * ms / whole:.1f}%"}
+        for group, ms in sorted(totals.items(), key=lambda kv: -kv[1])
+    ]
+    rows.append({"op group": "total (self CPU time)", "ms per step": f"{whole:.0f}", "share": "100%"})
+    return markdown_table(rows)
 
 
 def _also(hook, extra):
@@ -451,14 +459,14 @@ def table(results: list[dict[str, Any]]) -> str:
     def ratio(a: float | None, b: float | None) -> str:
         return f"{a / b:.2f}" if a and b else "-"
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    rows = []
     for r in results:
         head = [r["model"], f"{r['patch']}^3 x{r['batch']}", r["mode"]]
         if "error" in r:
-            lines.append("| " + " | ".join(head + [f"error: {r['error']}"] + [""] * (len(COLUMNS) - 4)) + " |")
+            rows.append(dict(zip(COLUMNS, head + [f"error: {r['error']}"], strict=False)))
             continue
         fp32, amp = ref(r, "fp32"), ref(r, "amp")
-        row = head + [
+        cells = head + [
             r["precision"],
             f"{r['step_ms']:.1f}",
             f"{r['voxels_per_s'] / 1e6:.2f}",
@@ -471,8 +479,8 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{100 * r['opt_share']:.1f}",
             f"{r['loss']:.4f}",
         ]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(dict(zip(COLUMNS, cells, strict=True)))
+    return markdown_table(rows, COLUMNS)
 
 
 def machine(device: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from medseg.precision.plugin import MixedPrecision
+from medseg.precision.plugin import MasterWeightPrecision
 
 sys.path.insert(0, str(Path(__file__).parent))  # a folder of scripts: the sibling script, also when imported
 from precision import LABEL_NAMES, build_module, synthetic_batches  # noqa: E402
@@ -42,7 +42,7 @@ def measure(model: str, patch: int, batch: int, low: str | None) -> dict[str, fl
     data = synthetic_batches(1, batch, patch, seed=0, device="cpu", channels_last=False)[0]
     image = data["image"]
     if low is not None:  # the net and batch exactly as the plugin converts them
-        plugin = MixedPrecision(dtype=low)
+        plugin = MasterWeightPrecision(dtype=low)
         net = plugin.convert_module(net)
         image = plugin.convert_input(image)
     logits, net_mib = saved_mib(lambda: net(image))

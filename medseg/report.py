@@ -21,6 +21,10 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
+from medseg.tracking.display import axial_view
+from medseg.tracking.offline import read_offline_run
+from medseg.tracking.tables import markdown_table
+
 STEP_KEY = "trainer/global_step"  # W&B's x-axis; the CSV's is `step`, the same number
 
 
@@ -117,8 +121,6 @@ def load_run(run_dir: str | Path) -> RunLog:
         with metrics.open() as f:
             rows = list(csv.DictReader(f))
         return RunLog(run_dir, _local_config(run_dir), _series(rows, "step"), "csv")
-    from medseg.wandb_run import read_offline_run
-
     offline = read_offline_run(run_dir)
     config = {k: v for k, v in offline.config.items() if not k.startswith("_")} or _local_config(run_dir)
     return RunLog(run_dir, config, _series(offline.history, STEP_KEY), "wandb-offline", extra={"wandb": offline})
@@ -182,27 +184,9 @@ def summary_rows(runs: list[RunLog]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if value.is_integer() and abs(value) < 1e9:
-            return str(int(value))
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3g}"
-        return f"{value:.4g}"
-    return str(value)
-
-
 def summary_table(runs: list[RunLog]) -> str:
     """The summary rows as a markdown table ("-": not logged for that precision)."""
-    rows = summary_rows(runs)
-    if not rows:
-        return "(no runs)"
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k in head) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(summary_rows(runs)) if runs else "(no runs)"
 
 
 # -------------------------------------------------------------------------------------------------- the plots
@@ -301,8 +285,6 @@ def plot_case(
     image: np.ndarray, label: np.ndarray, pred: np.ndarray, label_names: list[str], title: str = ""
 ) -> Figure:
     """The middle axial slice of an (X, Y, Z) RAS volume: the image, the ground truth and the prediction."""
-    from medseg.models.image_logger import axial_view
-
     z = image.shape[2] // 2
     fig = Figure(figsize=(12, 4.3), layout="constrained")
     colors = ["none", "tab:green", "tab:red", "tab:blue", "tab:orange", "tab:purple", "tab:cyan"]

@@ -22,8 +22,9 @@ from medseg import CONF_DIR
 from medseg.checkpoint import CheckpointError, load_checkpoint
 from medseg.config_check import ConfigError, check_config, check_output_dir
 from medseg.data.checks import DatasetError
-from medseg.sweep import write_job_result
-from medseg.wandb_run import make_loggers, redact
+from medseg.tracking.loggers import make_loggers, redact
+from medseg.tracking.summary import best_score
+from medseg.tracking.sweep import write_job_result
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ def instantiate_each(section: DictConfig | None) -> list:
     return [instantiate(c) for c in (section or {}).values() if c is not None]
 
 
-def precision_kwargs(cfg: DictConfig) -> dict:
-    """Trainer kwargs for the chosen `+precision=`: either Lightning's own `precision=` or our plugin (never
-    both: Lightning raises when given a precision and a precision plugin)."""
-    prec = cfg.get("precision") or FP32
+def precision_kwargs(prec: DictConfig | None) -> dict:
+    """Trainer kwargs for a `conf/precision/*.yaml` node (None: fp32): either Lightning's own `precision=` or our
+    plugin (never both: Lightning raises when given a precision and a precision plugin)."""
+    prec = prec or FP32
     if prec.get("plugin") is not None:
         return {"plugins": [build(prec["plugin"])]}
     return {"precision": prec["lightning"]}
@@ -138,7 +139,7 @@ def train(cfg: DictConfig) -> float | None:
     model = build_model(cfg, datamodule)
     # make_loggers: W&B named after the Hydra job; a W&B failure warns and leaves the CSV logger
     callbacks, loggers = instantiate_each(cfg.get("callbacks")), make_loggers(cfg)
-    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **precision_kwargs(cfg))
+    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **precision_kwargs(cfg.get("precision")))
     for logger in trainer.loggers:
         logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
 
@@ -146,7 +147,7 @@ def train(cfg: DictConfig) -> float | None:
         if fit:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except RuntimeError as err:
-        # e.g. MixedPrecision giving up on inf/NaN gradients: say where a good state is before re-raising
+        # e.g. MasterWeightPrecision giving up on inf/NaN gradients: say where a good state is before re-raising
         ckpt = trainer.checkpoint_callback
         last_good = (ckpt.last_model_path or ckpt.best_model_path) if ckpt else ""
         log.error("Training stopped at step %d: %s\nLast good checkpoint: %s", trainer.global_step, err,
@@ -163,15 +164,11 @@ def train(cfg: DictConfig) -> float | None:
     best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not fit:
         best_ckpt = ckpt_path
-    optimized = trainer.callback_metrics.get(cfg.optimized_metric)
-    if cfg.optimized_metric.startswith("val/") and trainer.checkpoint_callback:
-        best = trainer.checkpoint_callback.best_model_score
-        optimized = best if best is not None else optimized
+    optimized = best_score(trainer, cfg.optimized_metric)
     if cfg.test:
         trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt or None)
     if trainer.is_global_zero:
         print_summary(trainer, model, cfg.paths.output_dir, best_ckpt)
-    optimized = float(optimized) if optimized is not None else None
     write_job_result(cfg, trainer, optimized)
     return optimized
 

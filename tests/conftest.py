@@ -11,24 +11,10 @@ from omegaconf import DictConfig, open_dict
 from medseg import CONF_DIR, REPO_ROOT
 from medseg.data.synthetic import write_synthetic_dataset
 
+from .helpers import TINY, TINY_UNET
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
-
-# Small enough for a few seconds of CPU per run: 32^3 patches, 8-16-32 U-Net.
-TINY = [
-    "logger=csv",
-    "trainer.accelerator=cpu",
-    "trainer.max_epochs=2",
-    "trainer.check_val_every_n_epoch=1",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "++callbacks.progress_bar=null",
-    "data.patch_size=[32,32,32]",
-    "data.num_workers=0",
-    "data.batch_size=2",
-    "data.num_samples=1",
-]
-TINY_UNET = ["model.net.channels=[8,16,32]", "model.net.strides=[2,2]", "model.net.num_res_units=1"]
 
 
 def shared_dataset(name: str) -> Path:

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import numpy as np
 import pytest
 
 from medseg.data.checks import CheckReport, DatasetError, check_dataset
+
+from .helpers import run_cli
 
 # LPS-like, anisotropic and off the origin, so an affine check that compares against identity would fail.
 AFFINE = np.array([[-1.5, 0, 0, 12.0], [0, -1.5, 0, -30.0], [0, 0, 2.0, 5.0], [0, 0, 0, 1]])
@@ -283,21 +284,21 @@ def test_without_voxels_only_headers_are_checked(tmp_path: Path):
     assert "affine" in report.errors[0].reason
 
 
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medseg.data.check", *map(str, args)], capture_output=True, text=True)
+def run_check(*args: str | Path) -> subprocess.CompletedProcess:
+    return run_cli(*args, module="medseg.data.check")
 
 
 def test_cli(tmp_path: Path):
     good = make_dataset(tmp_path / "good")
-    result = run_cli(good)
+    result = run_check(good)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().splitlines()[-1] == "good: 3 cases, 0 errors, 0 warnings"
 
     bad = make_dataset(tmp_path / "bad")
     undeclared_label(bad, 1)
-    result = run_cli(bad, "--no-voxels")
+    result = run_check(bad, "--no-voxels")
     assert result.returncode == 0  # the undeclared value is in the voxels, which --no-voxels skips
-    result = run_cli(bad)
+    result = run_check(bad)
     assert result.returncode == 1
     assert "case_1.nii.gz" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "bad: 3 cases, 1 errors, 0 warnings"

@@ -54,7 +54,7 @@ def _cmd(dataset, logs, run_dir, *extra):
 
 def _state(ckpt_path):
     ckpt = torch.load(ckpt_path, weights_only=True)
-    return ckpt["global_step"], ckpt["state_dict"], ckpt["MixedPrecision"], ckpt["optimizer_states"]
+    return ckpt["global_step"], ckpt["state_dict"], ckpt["MasterWeightPrecision"], ckpt["optimizer_states"]
 
 
 def _assert_identical(a, b):

@@ -1,4 +1,4 @@
-"""MixedPrecision through the real Lightning Trainer on CPU, for float16 and bfloat16."""
+"""MasterWeightPrecision through the real Lightning Trainer on CPU, for float16 and bfloat16."""
 
 import copy
 import logging
@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from medseg.precision import DynamicLossScaler, MixedPrecision
+from medseg.precision import DynamicLossScaler, MasterWeightPrecision
 from medseg.precision.export import export_fp32, main
 
 LOW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -61,7 +61,7 @@ class TinyNet(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def fit(model: LightningModule, plugin: MixedPrecision, max_steps: int, **kwargs: Any) -> Trainer:
+def fit(model: LightningModule, plugin: MasterWeightPrecision, max_steps: int, **kwargs: Any) -> Trainer:
     ckpt_path = kwargs.pop("ckpt_path", None)
     kwargs = {"barebones": True, "accelerator": "cpu", "devices": 1} | kwargs
     trainer = Trainer(plugins=[plugin], max_steps=max_steps, **kwargs)
@@ -79,7 +79,7 @@ def small_scaler(**kwargs: Any) -> DynamicLossScaler:
 def test_convert_module_keeps_norms_fp32(dtype: str, norms_in_float32: bool) -> None:
     low = LOW[dtype]
     net = TinyNet()
-    plugin = MixedPrecision(dtype, norms_in_float32=norms_in_float32)
+    plugin = MasterWeightPrecision(dtype, norms_in_float32=norms_in_float32)
     plugin.convert_module(plugin.convert_module(net))  # twice: hooks must not pile up
 
     assert net.conv.weight.dtype == net.fc.weight.dtype == net.fc.bias.dtype == low
@@ -108,7 +108,7 @@ def test_norm_statistics_do_not_overflow(dtype: str, norm_type: type[nn.Module],
     assert not torch.isfinite((x.to(torch.float16) ** 2).sum()).item()
     norm = norm_type(4, affine=True).to(device)
     reference = copy.deepcopy(norm)(x.float())  # FP32 norm of the same rounded input
-    plugin = MixedPrecision(dtype)
+    plugin = MasterWeightPrecision(dtype)
     plugin.convert_module(norm)
     assert not norm._forward_pre_hooks  # fed the low dtype directly
     x.requires_grad_(True)
@@ -123,7 +123,7 @@ def test_norm_statistics_do_not_overflow(dtype: str, norm_type: type[nn.Module],
 
 
 def test_auto_dtype_is_bfloat16_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
-    plugin = MixedPrecision("auto")
+    plugin = MasterWeightPrecision("auto")
     with caplog.at_level(logging.INFO, logger="medseg.precision.plugin"):
         plugin.convert_module(TinyNet())
     assert plugin.dtype == torch.bfloat16 and plugin.precision == "bf16-true"
@@ -132,7 +132,7 @@ def test_auto_dtype_is_bfloat16_on_cpu(caplog: pytest.LogCaptureFixture) -> None
 
 
 def test_convert_input_leaves_integer_labels() -> None:
-    plugin = MixedPrecision("float16")
+    plugin = MasterWeightPrecision("float16")
     batch = {"image": torch.randn(2, 3), "label": torch.ones(2, dtype=torch.int64), "extra": [torch.zeros(1)]}
     out = plugin.convert_input(batch)
     assert out["image"].dtype == out["extra"][0].dtype == torch.float16
@@ -142,7 +142,7 @@ def test_convert_input_leaves_integer_labels() -> None:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_masters_after_fit(dtype: str) -> None:
     low = LOW[dtype]
-    model, plugin = TinyNet(), MixedPrecision(dtype, scaler=small_scaler() if dtype == "float16" else None)
+    model, plugin = TinyNet(), MasterWeightPrecision(dtype, scaler=small_scaler() if dtype == "float16" else None)
     trainer = fit(model, plugin, max_steps=3)
 
     assert model.batch_dtypes == [(low, torch.int64)] * 3  # Lightning's convert_input: image cast, label not
@@ -215,7 +215,7 @@ class StepCalls(Callback):
 )
 def test_overflow_skips_the_step(dtype: str, dynamic_bf16: bool, optimizer: str, device: str) -> None:
     scaler = small_scaler() if dtype == "float16" or dynamic_bf16 else None
-    plugin = MixedPrecision(dtype, scaler=scaler, scale_bfloat16=scaler is not None)
+    plugin = MasterWeightPrecision(dtype, scaler=scaler, scale_bfloat16=scaler is not None)
     model, snap, calls = TinyNet(bad_steps=(2,), adam=optimizer == "adam"), Snapshot(batch_idx=2), StepCalls()
     fit(model, plugin, max_steps=4, callbacks=[snap, calls], accelerator="gpu" if device == "cuda" else "cpu")
     before, after = snap.before, snap.after
@@ -263,7 +263,7 @@ class GradNorms(Callback):
 
 def test_clipping_acts_on_unscaled_fp32_master_grads() -> None:
     clip, steps = 1e-3, 3
-    plugin = MixedPrecision("float16", scaler=small_scaler(), track_grad_norm=True)
+    plugin = MasterWeightPrecision("float16", scaler=small_scaler(), track_grad_norm=True)
     plugin.main_params = Mock(wraps=plugin.main_params)
     norms = GradNorms()
     trainer = fit(TinyNet(), plugin, max_steps=steps, gradient_clip_val=clip, callbacks=[norms])
@@ -271,7 +271,6 @@ def test_clipping_acts_on_unscaled_fp32_master_grads() -> None:
     optimizer = trainer.optimizers[0]
     clip_calls = [c for c in plugin.main_params.call_args_list if c.args[0] is optimizer]
     assert len(clip_calls) >= steps  # at least once per step, from clip_grad_norm_
-    print("pre-clip norms", norms.before_clip, "at step", norms.at_step, "scale", plugin.scaler.scale)
     assert len(norms.at_step) == steps
     assert all(n <= clip * (1 + 1e-5) for n in norms.at_step)
     # unscaled norms are well above the clip value, scaled ones would be orders of magnitude above it
@@ -306,7 +305,7 @@ class LinearFit(LightningModule):
 
 def _fit_linear(
     precision: str | None = None,
-    plugin: MixedPrecision | None = None,
+    plugin: MasterWeightPrecision | None = None,
 ) -> tuple[LinearFit, float]:
     q, _ = torch.linalg.qr(torch.randn(N_SAMPLES, N_FEATURES, generator=torch.Generator().manual_seed(0)))
     x = q * N_SAMPLES**0.5
@@ -329,11 +328,9 @@ def test_masters_keep_updates_below_half_an_ulp(dtype: str) -> None:
     assert LR * 2 * (W_TARGET - W_START) < torch.finfo(low).eps / 2
     fp32_model, fp32_loss = _fit_linear("32-true")
     half_model, half_loss = _fit_linear("16-true" if dtype == "float16" else "bf16-true")
-    _, mixed_loss = _fit_linear(plugin=MixedPrecision(dtype))
+    _, mixed_loss = _fit_linear(plugin=MasterWeightPrecision(dtype))
     initial = fp32_model.losses[0]
     half_change = abs(half_model.losses[-1] - half_model.losses[0]) / half_model.losses[0]
-    print(f"{dtype}: initial loss {initial:.6f}, fp32 {fp32_loss:.6f}, mixed {mixed_loss:.6f}")
-    print(f"{dtype}: without masters {half_loss:.6f}, relative change of its loss {half_change:.2e}")
 
     assert fp32_loss < 0.2 * initial  # the FP32 run really learns
     assert torch.all(half_model.lin.weight == W_START)  # without masters every update rounds away
@@ -342,11 +339,11 @@ def test_masters_keep_updates_below_half_an_ulp(dtype: str) -> None:
 
 
 # ---- exact resume ----
-def _resume_plugin() -> MixedPrecision:
-    return MixedPrecision("float16", scaler=small_scaler(growth_interval=2))
+def _resume_plugin() -> MasterWeightPrecision:
+    return MasterWeightPrecision("float16", scaler=small_scaler(growth_interval=2))
 
 
-def _state(trainer: Trainer, plugin: MixedPrecision, model: LightningModule) -> dict[str, Any]:
+def _state(trainer: Trainer, plugin: MasterWeightPrecision, model: LightningModule) -> dict[str, Any]:
     return {
         "masters": [m.detach().clone() for m in plugin.master_params],
         "model": {k: v.clone() for k, v in model.state_dict().items()},
@@ -398,12 +395,12 @@ def test_exact_resume(tmp_path: Any) -> None:
 
 
 def test_checkpoint_loads_weights_only_and_exports_fp32(tmp_path: Any) -> None:
-    model, plugin = TinyNet(), MixedPrecision("float16", scaler=small_scaler())
+    model, plugin = TinyNet(), MasterWeightPrecision("float16", scaler=small_scaler())
     trainer = fit(model, plugin, max_steps=3)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
 
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    state = ckpt["MixedPrecision"]
+    state = ckpt["MasterWeightPrecision"]
     assert state["dtype"] == "float16" and state["scaler"] == plugin.scaler.state_dict()
     assert ckpt["state_dict"]["conv.weight"].dtype == torch.float16
 
@@ -432,7 +429,7 @@ def test_checkpoint_loads_weights_only_and_exports_fp32(tmp_path: Any) -> None:
 )
 def test_nan_every_step_stops_training(scaler_kwargs: dict, max_skips: int, message: str) -> None:
     scaler = DynamicLossScaler(**({"init_scale": 2.0**8} | scaler_kwargs))
-    plugin = MixedPrecision("float16", scaler=scaler, max_consecutive_skips=max_skips)
+    plugin = MasterWeightPrecision("float16", scaler=scaler, max_consecutive_skips=max_skips)
     with pytest.raises(RuntimeError, match=message):
         fit(TinyNet(bad_steps=tuple(range(10)), bad_value=float("nan")), plugin, max_steps=10)
 
@@ -445,12 +442,12 @@ class ManualNet(TinyNet):
 
 def test_manual_optimization_is_refused() -> None:
     with pytest.raises(MisconfigurationException, match="automatic optimization only"):
-        fit(ManualNet(), MixedPrecision("bfloat16"), max_steps=1)
+        fit(ManualNet(), MasterWeightPrecision("bfloat16"), max_steps=1)
 
 
 def test_connect_moves_state_of_several_optimizers_and_applies_early_state() -> None:
     net = TinyNet()
-    plugin = MixedPrecision("float16")
+    plugin = MasterWeightPrecision("float16")
     plugin.convert_module(net)
     conv_opt = torch.optim.SGD(net.conv.parameters(), lr=0.1, momentum=0.9)
     groups = [{"params": net.fc.parameters()}, {"params": net.bn.parameters(), "lr": 0.01}]
@@ -489,7 +486,7 @@ class TestedNet(TinyNet):
 def test_fit_then_test_from_checkpoint(tmp_path: Any) -> None:
     """`trainer.test(ckpt_path=...)` after `fit` (what medseg.train does) connects the same optimizers again,
     and loads the plugin state of the checkpoint: the masters must survive both."""
-    model, plugin = TestedNet(adam=True), MixedPrecision("float16", scaler=small_scaler())
+    model, plugin = TestedNet(adam=True), MasterWeightPrecision("float16", scaler=small_scaler())
     trainer = fit(model, plugin, max_steps=3, default_root_dir=tmp_path, barebones=False, logger=False,
                   enable_progress_bar=False)  # fmt: skip
     masters = [m.clone() for m in plugin.master_params]

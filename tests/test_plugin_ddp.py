@@ -15,7 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from medseg.precision import DynamicLossScaler, MixedPrecision
+from medseg.precision import DynamicLossScaler, MasterWeightPrecision
 
 LOSS_INF_STEP = 1  # rank 1's loss is inf: DDP's gradient all-reduce spreads the inf to rank 0 by itself
 GRAD_INF_STEP = 2  # rank 1 puts inf in its gradient after DDP's all-reduce: only found_inf's all-reduce helps
@@ -52,7 +52,7 @@ def run(out_dir: Path) -> None:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(16, 1, 4, 4, 4, generator=g), torch.randint(0, 2, (16,), generator=g))
     model = RankNet()
-    plugin = MixedPrecision("float16", scaler=DynamicLossScaler(init_scale=2.0**8))
+    plugin = MasterWeightPrecision("float16", scaler=DynamicLossScaler(init_scale=2.0**8))
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
@@ -81,7 +81,6 @@ def test_ranks_skip_together(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks: list[dict[str, Any]] = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    print({r: state["scaler"] for r, state in enumerate(ranks)})
 
     for state in ranks:
         assert state["scaler"]["overflows"] == 2  # both steps skipped on both ranks

@@ -13,6 +13,8 @@ from medseg.config_check import ConfigError, check_output_dir
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.train import train
 
+from .helpers import TINY, TINY_UNET, on_dataset, run_cli
+
 
 def test_nan_input_stops_the_run_naming_step_and_checkpoint(tmp_path, tiny_cfg, caplog):
     """NaN voxels (data checks switched off) make every step's gradients NaN: the plugin skips them, then stops
@@ -127,15 +129,9 @@ def test_bad_settings_fail_naming_the_key(override, message, tiny_cfg):
 )
 def test_cli_errors_are_one_message_without_traceback(override, message, tiny_dataset, tmp_path):
     """From the shell, a bad setting prints one message naming it, exits non-zero and leaves no run behind."""
-    import subprocess
-    import sys
-
-    from .conftest import TINY, TINY_UNET
-
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "medseg.train", *TINY, *TINY_UNET, f"data.root={tiny_dataset}",
-           "++data.synthesize=null", f"hydra.run.dir={run_dir}", override]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    dataset = on_dataset(tiny_dataset, tmp_path / "cache")
+    result = run_cli(*TINY, *TINY_UNET, *dataset, f"hydra.run.dir={run_dir}", override, timeout=120)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not run_dir.exists()

@@ -33,7 +33,6 @@ def test_matches_grad_scaler() -> None:
 
     ours = DynamicLossScaler(init_scale=2.0**4, growth_interval=3, min_scale=2.0**-10)
     got = _drive(ours, SEQUENCE)
-    print("scale trajectory", got)
     assert got == expected
     assert len(set(got)) > 2, "the sequence must both grow and back off"
     assert ours.overflows == ours.skipped_steps == SEQUENCE.count("I")

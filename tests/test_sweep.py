@@ -3,9 +3,7 @@ failing job, an Optuna study), DDP on 2 CPU processes, and the SLURM launcher's 
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from medseg import CONF_DIR
-from medseg.wandb_run import read_offline_run
+from medseg.tracking.offline import read_offline_run
 
-from .conftest import TINY, TINY_UNET
+from .helpers import TINY, TINY_UNET, on_dataset, output, run_cli
 
 
 def _sweep(name: str) -> str:
@@ -26,24 +24,20 @@ def _sweep(name: str) -> str:
 
 def _train(args: list[str], dataset: Path, tmp_path: Path, multirun: bool = False) -> subprocess.CompletedProcess:
     """`python -m medseg.train [-m]` for one epoch on the tiny dataset, logs under tmp_path/logs, W&B offline."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "medseg.train",
+    result = run_cli(
         *(["-m"] if multirun else []),
         *TINY,
         *TINY_UNET,
-        f"data.root={dataset}",
-        "++data.synthesize=null",
-        f"data.cache_dir={tmp_path / 'cache'}",
+        *on_dataset(dataset, tmp_path / "cache"),
         f"paths.log_dir={tmp_path / 'logs'}",
         "trainer.max_epochs=1",
         "test=false",
         *args,
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"},
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, output(result)
     return result
 
 

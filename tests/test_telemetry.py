@@ -2,9 +2,6 @@
 run with an injected overflow, the W&B failure fallback, medseg.report and the review notebook."""
 
 import math
-import os
-import subprocess
-import sys
 import warnings
 
 import lightning.pytorch as pl
@@ -13,20 +10,21 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins.precision import MixedPrecision as LightningAMP
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader
 
 from medseg import REPO_ROOT
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.precision.monitor import PrecisionMonitor
-from medseg.precision.plugin import MixedPrecision
+from medseg.precision.plugin import MasterWeightPrecision
 from medseg.precision.scaler import DynamicLossScaler
 from medseg.report import load_run, summary_rows
 from medseg.report import main as report_main
-from medseg.wandb_run import SafeWandbLogger, make_loggers, read_offline_run
+from medseg.tracking.loggers import SafeWandbLogger, make_loggers
+from medseg.tracking.offline import read_offline_run
 
-from .conftest import TINY, TINY_UNET
+from .helpers import TINY, TINY_UNET, on_dataset, output, run_cli
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "review_runs.ipynb"
 INJECTED_STEP = 2
@@ -122,7 +120,7 @@ def test_monitor_bf16_amp_has_low_precision_metrics_but_no_scaler(tmp_path):
 
 def test_monitor_gradscaler_overflow(tmp_path):
     """Lightning's 16-mixed plugin with torch's GradScaler (on CPU, where Lightning would pick bf16 itself)."""
-    plugin = LightningAMP("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
     _, run = fit_tiny(tmp_path, plugins=[plugin], callbacks=[InjectOverflow()])
     steps, scale = run.get("precision/loss_scale")
     assert list(steps) == [0, 1, 2, 3] and list(scale) == [2.0**16, 2.0**16, 2.0**15, 2.0**15]
@@ -152,7 +150,7 @@ class PluginGradNorm(pl.Callback):
 
 
 def test_monitor_mixed_fp16_plugin(tmp_path):
-    plugin = MixedPrecision("float16", scaler=DynamicLossScaler(init_scale=2.0**16), track_grad_norm=True)
+    plugin = MasterWeightPrecision("float16", scaler=DynamicLossScaler(init_scale=2.0**16), track_grad_norm=True)
     norms = PluginGradNorm()
     monitor, run = fit_tiny(tmp_path, plugins=[plugin], callbacks=[InjectOverflow(), norms], max_steps=6)
     assert list(run.get("precision/loss_scale")[1]) == [2.0**16] * 2 + [2.0**15] * 4
@@ -180,17 +178,17 @@ def wandb_run_dir(tmp_path_factory):
     dataset = write_synthetic_dataset(tmp / "synthetic", num_cases=6, min_size=24, max_size=28)
     run_dir = tmp / "run"
     overrides = [o for o in TINY if not o.startswith(("logger=", "data.patch_size=", "data.batch_size="))]
-    cmd = [
-        sys.executable, "-m", "medseg.train", *overrides, *TINY_UNET, "logger=wandb", "trainer.max_epochs=1",
-        "data.patch_size=[16,16,16]", "data.batch_size=1", f"data.root={dataset}", "++data.synthesize=null",
-        f"data.cache_dir={tmp / 'cache'}", f"hydra.run.dir={run_dir}", "+precision=mixed",
+    result = run_cli(
+        *overrides, *TINY_UNET, "logger=wandb", "trainer.max_epochs=1",
+        "data.patch_size=[16,16,16]", "data.batch_size=1", *on_dataset(dataset, tmp / "cache"),
+        f"hydra.run.dir={run_dir}", "+precision=mixed",
         "precision.plugin.dtype=float16", "trainer.log_every_n_steps=2", "test=false",
         "callbacks.val_images.every_n_val_epochs=1",
         "+callbacks.inject_overflow._target_=tests.test_telemetry.InjectOverflow",
-    ]  # fmt: skip
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET, "WANDB_SILENT": "true"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
-    assert result.returncode == 0, result.stderr[-4000:]
+        env={"WANDB_MODE": "offline", "WANDB_API_KEY": SECRET, "WANDB_SILENT": "true"},
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, output(result)
     return run_dir
 
 
@@ -317,7 +315,7 @@ def test_run_identity_of_a_multirun_job():
     from omegaconf import open_dict
 
     from medseg import CONF_DIR
-    from medseg.wandb_run import run_identity
+    from medseg.tracking.loggers import run_identity
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

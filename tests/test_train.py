@@ -1,8 +1,6 @@
 """Real Trainer runs on tiny synthetic data: the CLI in a subprocess, learning, precision modes."""
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,25 +8,14 @@ import torch
 
 from medseg.train import train
 
-from .conftest import TINY, TINY_UNET
+from .helpers import TINY, TINY_UNET, on_dataset, output, run_cli
 
 
 def test_cli_runs_and_writes_checkpoint(tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "medseg.train",
-        *TINY,
-        *TINY_UNET,
-        f"data.root={tiny_dataset}",
-        "++data.synthesize=null",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        f"hydra.run.dir={run_dir}",
-        "trainer.max_epochs=1",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    overrides = [*on_dataset(tiny_dataset, tmp_path / "cache"), f"hydra.run.dir={run_dir}", "trainer.max_epochs=1"]
+    result = run_cli(*TINY, *TINY_UNET, *overrides)
+    assert result.returncode == 0, output(result)
     ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     assert any(c.name == "last.ckpt" for c in ckpts) and len(ckpts) >= 2, ckpts
     assert (run_dir / ".hydra" / "config.yaml").is_file()
@@ -94,7 +81,7 @@ def test_channels_last_model(tiny_cfg):
     conv = {k: v for k, v in state["state_dict"].items() if v.ndim == 5}
     assert conv and all(v.is_contiguous(memory_format=torch.channels_last_3d) for v in conv.values())
     assert any(not v.is_contiguous() for v in conv.values())  # really another layout (1x1x1 kernels are both)
-    masters = [m for m in state["MixedPrecision"]["masters"][0] if m.ndim == 5]
+    masters = [m for m in state["MasterWeightPrecision"]["masters"][0] if m.ndim == 5]
     assert masters and all(m.is_contiguous(memory_format=torch.channels_last_3d) for m in masters)
     assert all(n.startswith("net.") and "_orig_mod" not in n for n in state["state_dict"])
 

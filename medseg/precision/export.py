@@ -1,4 +1,4 @@
-"""Export an FP32 model from a MixedPrecision checkpoint: the FP32 masters, not the rounded FP16/BF16 weights.
+"""Export an FP32 model from a `+precision=mixed` checkpoint: the FP32 masters, not the rounded FP16/BF16 weights.
 
 python -m medseg.precision.export CKPT OUT
 """
@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 
+from medseg.precision.plugin import saved_state
+
 
 def fp32_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
     """The checkpoint's ``state_dict`` in FP32: parameters take their FP32 master from the plugin state
-    (``checkpoint["MixedPrecision"]``, matched by name) where there is one; every other floating entry (e.g.
+    (``MasterWeightPrecision``'s entry, matched by name) where there is one; every other floating entry (e.g.
     BatchNorm running statistics, or weights of a run without the plugin) is cast to float32."""
-    plugin_state = ckpt.get("MixedPrecision") or {}
+    plugin_state = saved_state(ckpt) or {}
     state_dict = dict(ckpt["state_dict"])
     for names, masters in zip(plugin_state.get("names", []), plugin_state.get("masters", []), strict=True):
         for name, master in zip(names, masters, strict=True):
@@ -24,10 +26,10 @@ def fp32_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
 
 
 def export_fp32(ckpt_path: str | Path, out_path: str | Path) -> Path:
-    """Write ``{"state_dict": FP32 tensors, "hyper_parameters": ...}`` built from a MixedPrecision checkpoint."""
+    """Write ``{"state_dict": FP32 tensors, "hyper_parameters": ...}`` built from a ``+precision=mixed`` checkpoint."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if "masters" not in (ckpt.get("MixedPrecision") or {}):
-        raise ValueError(f"{ckpt_path} holds no MixedPrecision masters (was it trained with medseg's plugin?)")
+    if saved_state(ckpt) is None:
+        raise ValueError(f"{ckpt_path} holds no FP32 masters (was it trained with +precision=mixed?)")
     state_dict = fp32_state_dict(ckpt)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +39,7 @@ def export_fp32(ckpt_path: str | Path, out_path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("ckpt", type=Path, help="Lightning checkpoint written with the MixedPrecision plugin")
+    parser.add_argument("ckpt", type=Path, help="Lightning checkpoint written by a +precision=mixed run")
     parser.add_argument("out", type=Path, help="where to write the FP32 weights")
     args = parser.parse_args(argv)
     print(export_fp32(args.ckpt, args.out))

@@ -32,21 +32,22 @@ not per voxel, except for the sampled steps' abs-maxes).
 import math
 import resource
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision as LightningAMP
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from medseg.precision.plugin import MixedPrecision
-from medseg.wandb_run import log_to_wandb, wandb_loggers
+from medseg.precision.plugin import MasterWeightPrecision
+from medseg.tracking.loggers import log_to_wandb, wandb_loggers
 
-FP16_MAX = 65504.0
+FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 LOW_DTYPE_OF = {
     "16-mixed": torch.float16,
     "bf16-mixed": torch.bfloat16,
@@ -63,6 +64,39 @@ def _first_tensor(output: Any) -> Tensor | None:
     return None
 
 
+@dataclass
+class _Step:
+    """Scratch of the optimizer step in progress, from its first micro-batch to ``on_train_batch_end``."""
+
+    step: int
+    voxels: int
+    costly: bool
+    start: Any  # time.perf_counter() on CPU, a recorded CUDA event on GPU
+    scale_used: float | Tensor | None = None
+    norms: list[Tensor] = field(default_factory=list)
+    amaxes: list[Tensor] = field(default_factory=list)
+    zero_counts: list[tuple[Tensor, int]] = field(default_factory=list)
+    masters: list[tuple[list[Tensor], Tensor]] = field(default_factory=list)
+    acts: dict[str, Tensor] = field(default_factory=dict)
+    out_grads: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Row:
+    """A finished step waiting for the next write-out: metric values (host numbers or device tensors) and the
+    device-side inputs of the fields worked out on the host."""
+
+    step: int
+    voxels: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    loss: Tensor | None = None
+    scale_used: Tensor | None = None  # GradScaler's scale during this step (AMP), to detect its overflow
+    amax: Tensor | None = None  # largest unscaled FP32 gradient element, and the scale to apply to it
+    amax_scale: float | Tensor = 1.0
+    layers: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
+    events: tuple[Any, Any] | None = None  # CUDA start/end events
+
+
 def _voxels(batch: Any) -> int:
     """Voxels in the batch's image: batch x spatial size, channels not counted."""
     image = batch.get("image") if isinstance(batch, dict) else _first_tensor(batch)
@@ -74,7 +108,7 @@ def _voxels(batch: Any) -> int:
 class PrecisionMonitor(pl.Callback):
     """Logs loss scaling, gradient health, lost updates, per-layer ranges and speed under ``precision/``.
 
-    Works for medseg's ``MixedPrecision`` plugin (told apart with ``isinstance``), Lightning's AMP
+    Works for medseg's ``MasterWeightPrecision`` plugin (told apart with ``isinstance``), Lightning's AMP
     (``16-mixed``, ``bf16-mixed``), ``16-true``/``bf16-true`` and FP32; a metric that does not apply to the
     precision is not logged at all. See the module docstring for the keys.
 
@@ -123,52 +157,65 @@ class PrecisionMonitor(pl.Callback):
         self.skipped_steps = 0
         self.nan_steps = 0
         self.layer_absmax: dict[str, tuple[float, float]] = {}  # name -> (activation, output gradient)
+        # what the trainer runs with, set in `setup`
         self._n = 1
-        self._rows: list[dict[str, Any]] = []
+        self._plugin: MasterWeightPrecision | None = None
+        self._amp = False
+        self._scaler: Any = None  # torch's GradScaler under Lightning's 16-mixed; None for bf16-mixed
+        self._low: torch.dtype | None = None
+        self._device = torch.device("cpu")
+        self._cuda = False
+        self._layer_stats = layer_stats
+        self._layers: list[tuple[str, nn.Module]] | None = None  # found on the first costly step
+        # per step
+        self._step: _Step | None = None
+        self._rows: list[_Row] = []
         self._handles: list[Any] = []
         self._warned: tuple[str, ...] = ()
-        self._started_step = -1
+
+    @staticmethod
+    def of(trainer: pl.Trainer) -> "PrecisionMonitor | None":
+        """The trainer's PrecisionMonitor, if it has one."""
+        return next((c for c in trainer.callbacks if isinstance(c, PrecisionMonitor)), None)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._n = self.every_n_steps or max(trainer.log_every_n_steps, 1)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         plugin = trainer.precision_plugin
-        self._plugin = plugin if isinstance(plugin, MixedPrecision) else None
-        self._amp = isinstance(plugin, LightningAMP)
-        self._scaler = plugin.scaler if self._amp else None  # torch's GradScaler; None for bf16-mixed
-        self._low = plugin.dtype if self._plugin is not None else LOW_DTYPE_OF.get(str(trainer.precision))
+        self._plugin = plugin if isinstance(plugin, MasterWeightPrecision) else None
+        self._amp = isinstance(plugin, MixedPrecision)  # Lightning's AMP: 16-mixed / bf16-mixed
+        self._scaler = plugin.scaler if self._amp else None
         self._device = trainer.strategy.root_device
         self._cuda = self._device.type == "cuda"
-        self._layers: list[tuple[str, nn.Module]] | None = None  # found on the first costly step
+        self._layers = None
         self._layer_stats = self.layer_stats
-        if self.layer_stats and getattr(pl_module, "_compiled_net", None) is not None:
+        if self.layer_stats and pl_module.hparams.get("compile"):
             # hooks added and removed every n steps would make torch.compile retrace the net each time, until it
             # gives up and runs it uncompiled (seen on CPU: recompile_limit hit in the first epoch)
             self._layer_stats = False
             rank_zero_warn("PrecisionMonitor: per-layer stats are off while the net is compiled (model.compile)")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the plugin resolves dtype="auto" when it converts the module, after the callbacks' setup
+        self._low = self._plugin.dtype if self._plugin is not None else LOW_DTYPE_OF.get(str(trainer.precision))
 
     # ------------------------------------------------------------------ per step
     # A cheap step launches a handful of tiny device ops (two multi-tensor norms and their reductions) and keeps
     # references; whatever needs a comparison or a running count (NaN loss, AMP overflow, headroom) is worked
     # out on the host when the buffered rows are written, after their one transfer.
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        if trainer.global_step == self._started_step:  # gradient accumulation: one more micro-batch
-            self._pending["voxels"] += _voxels(batch)
-            return
         # Lightning logs this batch's train/loss at the step count before its optimizer step
-        self._started_step = step = trainer.global_step
-        self._costly = (step + 1) % self._n == 0
-        self._pending: dict[str, Any] = {"step": step, "voxels": _voxels(batch), "norms": [], "amaxes": []}
+        step = trainer.global_step
+        if self._step is not None and self._step.step == step:  # gradient accumulation: one more micro-batch
+            self._step.voxels += _voxels(batch)
+            return
         if self._cuda:
-            self._pending["start"] = torch.cuda.Event(enable_timing=True)
-            self._pending["start"].record()
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         else:
-            self._pending["start"] = time.perf_counter()
-        self._acts: dict[str, Tensor] = {}
-        self._out_grads: dict[str, Tensor] = {}
-        if self._costly and self._layer_stats:
+            start = time.perf_counter()
+        self._step = _Step(step=step, voxels=_voxels(batch), costly=(step + 1) % self._n == 0, start=start)
+        if self._step.costly and self._layer_stats:
             self._add_layer_hooks(pl_module)
 
     def _scale_used(self) -> float | Tensor | None:
@@ -185,24 +232,24 @@ class PrecisionMonitor(pl.Callback):
         # these are the FP32 gradients the optimizer will apply (on_train_batch_end drops them for our skips).
         params = list(trainer.precision_plugin.main_params(optimizer))  # a generator in Lightning's base class
         grads = [p.grad for p in params if p.grad is not None]
-        pending = getattr(self, "_pending", None)
-        if not grads or pending is None:
+        step = self._step
+        if not grads or step is None:
             return
-        pending["scale_used"] = scale = self._scale_used()
+        step.scale_used = scale = self._scale_used()
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        pending["norms"].append(torch.linalg.vector_norm(torch.stack(norms)))
-        if not self._costly or self._low is None:
+        step.norms.append(torch.linalg.vector_norm(torch.stack(norms)))
+        if not step.costly or self._low is None:
             return
-        pending["amaxes"].append(torch.stack(torch._foreach_norm(grads, math.inf, dtype=torch.float32)).max())
+        step.amaxes.append(torch.stack(torch._foreach_norm(grads, math.inf, dtype=torch.float32)).max())
         low_grads, masters = self._low_grads_and_masters(params, optimizer)
         if low_grads:
             # one flat copy: a few large ops instead of several small ones per parameter
             flat = torch.cat([g.reshape(-1) for g in low_grads]).float()
             tiny = torch.finfo(self._low).tiny  # the smallest normal number: below it, subnormal or zero
             zeros = torch.count_nonzero((flat * (1.0 if scale is None else scale)).to(self._low).abs() < tiny)
-            pending.setdefault("zero_counts", []).append((zeros, flat.numel()))
+            step.zero_counts.append((zeros, flat.numel()))
         if masters:
-            pending.setdefault("masters", []).append((masters, torch.cat([m.detach().reshape(-1) for m in masters])))
+            step.masters.append((masters, torch.cat([m.detach().reshape(-1) for m in masters])))
 
     def _low_grads_and_masters(self, params: list[Tensor], optimizer: Optimizer) -> tuple[list[Tensor], list[Tensor]]:
         """Gradients that were (or, under AMP, would be) low precision, and the FP32 weights with masters."""
@@ -218,52 +265,51 @@ class PrecisionMonitor(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ):
-        pending = getattr(self, "_pending", None)
-        if pending is None or trainer.global_step == pending["step"]:
+        step = self._step
+        if step is None or trainer.global_step == step.step:
             return  # accumulating: no optimizer step yet
-        del self._pending
-        row: dict[str, Any] = {"step": pending["step"], "voxels": pending["voxels"]}
+        self._step = None
+        row = _Row(step=step.step, voxels=step.voxels)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor):
-            row["_loss"] = loss.detach()
-        scale = pending.get("scale_used")
-        if self._plugin is not None and self._plugin.last_step.get("overflow"):
+            row.loss = loss.detach()
+        last = self._plugin.last_step if self._plugin is not None else {}
+        if last.get("overflow"):
             # inf/NaN gradients that were never applied: no norm, amax, underflow or lost-update figures
-            pending.update(norms=[], amaxes=[])
-            pending.pop("zero_counts", None)
-            pending.pop("masters", None)
-        if self._plugin is not None and self._plugin.last_step:
+            step.norms, step.amaxes, step.zero_counts, step.masters = [], [], [], []
+        if last:
             # host numbers already: the plugin syncs once per step to decide whether to skip
-            last = self._plugin.last_step
-            row.update(loss_scale=last["loss_scale"], overflow=last["overflow"], skipped_steps=last["skipped_steps"])
-        elif isinstance(scale, Tensor):
+            row.metrics.update(
+                loss_scale=last["loss_scale"], overflow=last["overflow"], skipped_steps=last["skipped_steps"]
+            )
+        elif isinstance(step.scale_used, Tensor):
             # GradScaler keeps its scale on the device; it goes down only after a step with inf/NaN gradients
-            row["loss_scale"], row["_scale_used"] = self._scaler._scale.detach().clone(), scale
-        if pending["norms"]:
-            norms = pending["norms"]
-            row["grad_norm"] = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-        if pending["amaxes"]:
-            amaxes = pending["amaxes"]
-            row["_amax"] = amaxes[0] if len(amaxes) == 1 else torch.stack(amaxes).max()
-            row["_amax_scale"] = 1.0 if scale is None else scale
-        if "zero_counts" in pending:
-            zeros, total = zip(*pending["zero_counts"], strict=True)
-            row["grad_zero_frac"] = sum(zeros) / max(sum(total), 1)
-        if "masters" in pending:
-            row["update_lost_frac"] = self._update_lost_frac(pending["masters"])
+            row.metrics["loss_scale"], row.scale_used = self._scaler._scale.detach().clone(), step.scale_used
+        if step.norms:
+            norms = step.norms
+            row.metrics["grad_norm"] = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        if step.amaxes:
+            row.amax = step.amaxes[0] if len(step.amaxes) == 1 else torch.stack(step.amaxes).max()
+            row.amax_scale = 1.0 if step.scale_used is None else step.scale_used
+        if step.zero_counts:
+            zeros, total = zip(*step.zero_counts, strict=True)
+            row.metrics["grad_zero_frac"] = sum(zeros) / max(sum(total), 1)
+        if step.masters:
+            row.metrics["update_lost_frac"] = self._update_lost_frac(step.masters)
         self._remove_layer_hooks()
-        if self._acts:
-            row["layers"] = (self._acts, self._out_grads)
+        if step.acts:
+            row.layers = (step.acts, step.out_grads)
         if self._cuda:
-            row["events"] = (pending["start"], torch.cuda.Event(enable_timing=True))
-            row["events"][1].record()
-            row["peak_memory_mb"] = torch.cuda.max_memory_allocated(self._device) / 2**20
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            row.events = (step.start, end)
+            row.metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(self._device) / 2**20
         else:
-            row["step_time"] = time.perf_counter() - pending["start"]
+            row.metrics["step_time"] = time.perf_counter() - step.start
             # ru_maxrss is in KiB on Linux
-            row["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            row.metrics["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self._rows.append(row)
-        if self._costly:
+        if step.costly:
             self._write(trainer)
 
     def _update_lost_frac(self, pairs: list[tuple[list[Tensor], Tensor]]) -> Tensor:
@@ -299,7 +345,8 @@ class PrecisionMonitor(pl.Callback):
             return
         low, high = torch.aminmax(out.detach())  # one pass; abs().amax() reads the tensor twice
         value = torch.maximum(low.abs(), high)
-        self._acts[name] = torch.maximum(self._acts[name], value) if name in self._acts else value
+        acts = self._step.acts
+        acts[name] = torch.maximum(acts[name], value) if name in acts else value
         if out.requires_grad:
             out.register_hook(partial(self._record_grad, name))
 
@@ -308,7 +355,8 @@ class PrecisionMonitor(pl.Callback):
             return
         low, high = torch.aminmax(grad.detach())  # one pass; abs().amax() reads the tensor twice
         value = torch.maximum(low.abs(), high)
-        self._out_grads[name] = torch.maximum(self._out_grads[name], value) if name in self._out_grads else value
+        grads = self._step.out_grads
+        grads[name] = torch.maximum(grads[name], value) if name in grads else value
 
     def _remove_layer_hooks(self) -> None:
         for handle in self._handles:
@@ -316,51 +364,63 @@ class PrecisionMonitor(pl.Callback):
         self._handles = []
 
     # ------------------------------------------------------------------ write-out
+    _DEVICE_FIELDS = ("loss", "scale_used", "amax", "amax_scale")
+
     def _write(self, trainer: pl.Trainer) -> None:
         """Move the buffered rows to the host in one transfer and hand them to every logger."""
         rows, self._rows = self._rows, []
         if not rows:
             return
         if self._cuda:
-            rows[-1]["events"][1].synchronize()
+            rows[-1].events[1].synchronize()
             for row in rows:
-                start, end = row.pop("events")
-                row["step_time"] = start.elapsed_time(end) / 1000
-        layers = [(row["step"], row.pop("layers")) for row in rows if "layers" in row]
-        cells = [(row, key) for row in rows for key, value in row.items() if isinstance(value, Tensor)]
+                start, end = row.events
+                row.metrics["step_time"] = start.elapsed_time(end) / 1000
+        # every device tensor of every row (metrics and the host-derived fields' inputs) in one stack
+        cells = [(row.metrics, key) for row in rows for key, v in row.metrics.items() if isinstance(v, Tensor)]
+        cells += [(row, key) for row in rows for key in self._DEVICE_FIELDS if isinstance(getattr(row, key), Tensor)]
         if cells:
-            values = torch.stack([row[key].detach().float().reshape(()).to(self._device) for row, key in cells])
-            for (row, key), value in zip(cells, values.tolist(), strict=True):
-                row[key] = value
-        for row in rows:
-            step = row.pop("step")
-            self._derive(row, row.pop("voxels"))
-            metrics = {f"precision/{k}": float(v) for k, v in row.items() if k[0] != "_" and not math.isnan(v)}
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
-            if "loss_scale" in row:
-                self.scale_history.append((step, row["loss_scale"], int(row["overflow"])))
-            self.step_times.append(row["step_time"])
-            self.peak_memory_mb = max(self.peak_memory_mb, row["peak_memory_mb"])
-        for step, (acts, out_grads) in layers:
-            self._write_layers(trainer, step, acts, out_grads)
 
-    def _derive(self, row: dict[str, Any], voxels: int) -> None:
+            def get(holder: Any, key: str) -> Tensor:
+                return holder[key] if isinstance(holder, dict) else getattr(holder, key)
+
+            values = torch.stack([get(h, k).detach().float().reshape(()).to(self._device) for h, k in cells])
+            for (holder, key), value in zip(cells, values.tolist(), strict=True):
+                if isinstance(holder, dict):
+                    holder[key] = value
+                else:
+                    setattr(holder, key, value)
+        for row in rows:
+            metrics = row.metrics
+            self._derive(row)
+            logged = {f"precision/{k}": float(v) for k, v in metrics.items() if not math.isnan(v)}
+            for logger in trainer.loggers:
+                logger.log_metrics(logged, step=row.step)
+            if "loss_scale" in metrics:
+                self.scale_history.append((row.step, metrics["loss_scale"], int(metrics["overflow"])))
+            self.step_times.append(metrics["step_time"])
+            self.peak_memory_mb = max(self.peak_memory_mb, metrics["peak_memory_mb"])
+        for row in rows:
+            if row.layers is not None:
+                self._write_layers(trainer, row.step, *row.layers)
+
+    def _derive(self, row: _Row) -> None:
         """Fields worked out on the host, in step order: running counts, AMP overflow, headroom, throughput."""
-        if "_loss" in row:
-            self.nan_steps += not math.isfinite(row["_loss"])
-            row["nan_steps"] = self.nan_steps
-        if "_scale_used" in row:
-            row["overflow"] = int(row["loss_scale"] < row["_scale_used"])
-            self.skipped_steps += row["overflow"]
-            row["skipped_steps"] = self.skipped_steps
-        elif "skipped_steps" in row:
-            self.skipped_steps = int(row["skipped_steps"])
-        if "_amax" in row:
-            scaled = row["_amax"] * row["_amax_scale"]
-            row["fp16_headroom_bits"] = math.log2(FP16_MAX / scaled) if scaled > 0 else math.inf
-        if voxels and row["step_time"] > 0:
-            row["throughput"] = voxels / row["step_time"]
+        metrics = row.metrics
+        if row.loss is not None:
+            self.nan_steps += not math.isfinite(row.loss)
+            metrics["nan_steps"] = self.nan_steps
+        if row.scale_used is not None:
+            metrics["overflow"] = int(metrics["loss_scale"] < row.scale_used)
+            self.skipped_steps += metrics["overflow"]
+            metrics["skipped_steps"] = self.skipped_steps
+        elif "skipped_steps" in metrics:
+            self.skipped_steps = int(metrics["skipped_steps"])
+        if row.amax is not None:
+            scaled = row.amax * row.amax_scale
+            metrics["fp16_headroom_bits"] = math.log2(FP16_MAX / scaled) if scaled > 0 else math.inf
+        if row.voxels and metrics["step_time"] > 0:
+            metrics["throughput"] = row.voxels / metrics["step_time"]
 
     def _write_layers(self, trainer: pl.Trainer, step: int, acts: dict, out_grads: dict) -> None:
         names = list(acts)

@@ -54,6 +54,15 @@ FUSED_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.Adam, torch.optim.A
 # gives GradScaler) and undo their step count. Not SGD: on a skipped first step its fused path leaves the momentum
 # buffers it allocated with `empty_like` uninitialised.
 DEVICE_SKIP_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
+# Lightning saves a precision plugin's state under its class name; this plugin was called MixedPrecision, like
+# Lightning's AMP plugin, until it was renamed, so older checkpoints hold its state under that key.
+LEGACY_STATE_KEY = "MixedPrecision"
+
+
+def saved_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """This plugin's state in a checkpoint (under its name, or the legacy key when that entry has masters)."""
+    state = checkpoint.get(MasterWeightPrecision.__qualname__) or checkpoint.get(LEGACY_STATE_KEY) or {}
+    return state if "masters" in state else None
 
 
 def _cast_floating(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -109,7 +118,7 @@ class _Masters:
     grad_buffers: list[Tensor] | None = None
 
 
-class MixedPrecision(Precision):
+class MasterWeightPrecision(Precision):
     """FP16/BF16 model with FP32 master weights and loss scaling, for automatic optimization.
 
     Norm layers (BatchNorm, InstanceNorm, GroupNorm, LayerNorm) keep FP32 weights and running statistics.
@@ -193,7 +202,7 @@ class MixedPrecision(Precision):
             cuda = torch.cuda.is_available() if param is None else param.device.type == "cuda"
             device_type = "cuda" if cuda else "cpu"
         self._set_dtype("float16" if device_type == "cuda" else "bfloat16")
-        log.info("MixedPrecision: dtype='auto' resolved to %s on %r", self.dtype_name, device_type)
+        log.info("MasterWeightPrecision: dtype='auto' resolved to %s on %r", self.dtype_name, device_type)
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -234,7 +243,7 @@ class MixedPrecision(Precision):
         lightning_module = _lightning_module(model)
         if lightning_module is not None and not lightning_module.automatic_optimization:
             raise MisconfigurationException(
-                "MixedPrecision supports automatic optimization only; this LightningModule sets"
+                "MasterWeightPrecision supports automatic optimization only; this LightningModule sets"
                 " `automatic_optimization = False`. Use Lightning's precision='16-mixed' or 'bf16-mixed'."
             )
         self._resolve_dtype(model)
@@ -248,7 +257,7 @@ class MixedPrecision(Precision):
                 self._masters.append((optimizer, connected[optimizer]))
                 continue
             if isinstance(optimizer, torch.optim.LBFGS):
-                raise MisconfigurationException("MixedPrecision and the LBFGS optimizer are not compatible.")
+                raise MisconfigurationException("MasterWeightPrecision and the LBFGS optimizer are not compatible.")
             model_params: list[Tensor] = []
             master_params: list[Tensor] = []
             for group in optimizer.param_groups:
@@ -293,7 +302,7 @@ class MixedPrecision(Precision):
         for opt, entry in self._masters:
             if opt is optimizer:
                 return entry
-        raise RuntimeError("MixedPrecision: `connect()` never saw this optimizer; it has no FP32 masters.")
+        raise RuntimeError("MasterWeightPrecision: `connect()` never saw this optimizer; it has no FP32 masters.")
 
     def param_pairs(self, optimizer: Optimizer) -> tuple[list[Tensor], list[Tensor]]:
         """``(model_params, master_params)`` of ``optimizer``, aligned; norm params are their own masters."""
@@ -301,13 +310,8 @@ class MixedPrecision(Precision):
         return entry.model_params, entry.master_params
 
     @property
-    def model_params(self) -> list[Tensor]:
-        """The model's parameters of every optimizer, in ``param_groups`` order."""
-        return [p for _, entry in self._masters for p in entry.model_params]
-
-    @property
     def master_params(self) -> list[Tensor]:
-        """The FP32 masters of every optimizer, aligned with ``model_params``."""
+        """The FP32 masters of every optimizer, in ``param_groups`` order."""
         return [p for _, entry in self._masters for p in entry.master_params]
 
     @override
@@ -429,7 +433,7 @@ class MixedPrecision(Precision):
             else f"{self.scaler.consecutive_skips} steps in a row were skipped"
         )
         raise RuntimeError(
-            f"MixedPrecision: inf/NaN gradients at global step {step}: {reason}. Training would only go on"
+            f"MasterWeightPrecision: inf/NaN gradients at global step {step}: {reason}. Training would only go on"
             " with NaN; check the data and the loss (compute it in float32), or lower the learning rate."
         )
 
@@ -448,14 +452,24 @@ class MixedPrecision(Precision):
         }
 
     @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before the rename keep this plugin's state under its old class name,
+        ``MixedPrecision``, which is also the key of Lightning's AMP plugin (``16-mixed``): move ours to the
+        current key, and refuse the AMP one (GradScaler state, no masters) with a message that says so."""
+        old = checkpoint.get(LEGACY_STATE_KEY)
+        if old is None or type(self).__qualname__ in checkpoint:
+            return
+        if "masters" not in old:
+            raise ValueError(
+                f"This checkpoint's {LEGACY_STATE_KEY!r} entry has no FP32 masters (keys: {sorted(old)}): it was"
+                " written by Lightning's precision='16-mixed'/'bf16-mixed' (AMP), not by +precision=mixed. Resume it"
+                " with +precision=amp, or start a new +precision=mixed run from its weights."
+            )
+        checkpoint[type(self).__qualname__] = checkpoint.pop(LEGACY_STATE_KEY)
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the scaler and copy the saved masters into the current ones (exact FP32)."""
-        if "masters" not in state_dict:
-            # Lightning's AMP plugin is also called MixedPrecision and saves GradScaler state under that key
-            raise ValueError(
-                "This checkpoint's 'MixedPrecision' entry has no FP32 masters; it was not written by"
-                f" medseg's MixedPrecision plugin (keys: {sorted(state_dict)})."
-            )
         if self._dtype is None or (state_dict["masters"] and not self._masters):
             self._pending_state = state_dict  # connect() applies it once the masters exist
             return
@@ -464,7 +478,7 @@ class MixedPrecision(Precision):
             self.scaler.load_state_dict(state_dict["scaler"])
         else:
             log.warning(
-                "MixedPrecision: checkpoint trained in %s, now %s: loading the FP32 masters, not the scaler",
+                "MasterWeightPrecision: checkpoint trained in %s, now %s: loading the FP32 masters, not the scaler",
                 state_dict["dtype"],
                 self.dtype_name,
             )

@@ -28,20 +28,13 @@ from rich.console import Console
 from rich.table import Table
 
 from medseg.precision.monitor import PrecisionMonitor
+from medseg.tracking.summary import best_score
+from medseg.tracking.tables import fmt, markdown_table
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "job_result.json"
 COLUMNS = ["job", "overrides", "status", "best_val_dice", "skipped_steps", "step_time_s", "peak_memory_mb", "error"]
-
-
-def _best_val_dice(trainer: pl.Trainer) -> float | None:
-    """The checkpoint callback's best score when it monitors val/dice, else the last val/dice logged."""
-    ckpt = trainer.checkpoint_callback
-    if ckpt is not None and ckpt.monitor == "val/dice" and ckpt.best_model_score is not None:
-        return float(ckpt.best_model_score)
-    value = trainer.callback_metrics.get("val/dice")
-    return float(value) if value is not None else None
 
 
 @rank_zero_only
@@ -63,9 +56,9 @@ def write_job_result(
     elif optimized is not None and math.isnan(optimized):
         result.update(status="failed", error=f"{cfg.optimized_metric} is NaN")
     if trainer is not None:
-        result["best_val_dice"] = _best_val_dice(trainer)
+        result["best_val_dice"] = best_score(trainer, "val/dice")
         result["global_step"] = trainer.global_step
-        monitor = next((c for c in trainer.callbacks if isinstance(c, PrecisionMonitor)), None)
+        monitor = PrecisionMonitor.of(trainer)
         totals = monitor.totals() if monitor is not None else {}
         plugin_step = getattr(trainer.precision_plugin, "last_step", None) or {}
         result["skipped_steps"] = totals.get("skipped_steps", plugin_step.get("skipped_steps"))
@@ -115,12 +108,6 @@ def collect_results(sweep_dir: Path, failures: dict[str, str] | None = None) -> 
     return rows
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     # jobs on a cluster finish at the same time: readers see the old table or the new one, never half of one
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
@@ -135,11 +122,7 @@ def write_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
     writer.writeheader()
     writer.writerows(rows)
     _write_atomic(sweep_dir / "summary.csv", out.getvalue())
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        cells = (_fmt(row[c]).replace("|", "\\|").replace("\n", " ") for c in COLUMNS)
-        lines.append("| " + " | ".join(cells) + " |")
-    _write_atomic(sweep_dir / "summary.md", "\n".join(lines) + "\n")
+    _write_atomic(sweep_dir / "summary.md", markdown_table(rows, COLUMNS) + "\n")
 
 
 def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
@@ -147,7 +130,7 @@ def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
     for column in COLUMNS:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*(_fmt(row[c]) for c in COLUMNS), style="red" if row["status"] != "ok" else None)
+        table.add_row(*(fmt(row[c]) for c in COLUMNS), style="red" if row["status"] != "ok" else None)
     console = Console()
     if not console.is_terminal:  # a log file or a pipe: no width to fit, keep each job on one line
         console = Console(width=240)

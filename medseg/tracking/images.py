@@ -7,19 +7,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from medseg.wandb_run import log_to_wandb, wandb_loggers
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Intensities stretched between their 1st and 99th percentiles to 0..255 (robust to bright outliers)."""
-    lo, hi = np.percentile(image, [1, 99])
-    return (np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
-
-
-def axial_view(volume: np.ndarray, z: int) -> np.ndarray:
-    """The (X, Y) plane at ``z`` of a RAS volume (X, Y, Z), turned for display: anterior up, patient's right on
-    the image's left (radiological convention)."""
-    return np.flipud(volume[:, :, z].T)
+from medseg.tracking.display import axial_view, to_uint8
+from medseg.tracking.loggers import log_to_wandb, wandb_loggers
 
 
 class ValidationImageLogger(pl.Callback):
@@ -38,6 +27,7 @@ class ValidationImageLogger(pl.Callback):
         self.every_n_val_epochs, self.num_cases = every_n_val_epochs, num_cases
         self._passes = 0
         self._images: list[Any] = []
+        self._active = False  # this validation pass logs images
         self._failed = False  # one failure turns the images off for the run
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -52,7 +42,7 @@ class ValidationImageLogger(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        if not getattr(self, "_active", False) or len(self._images) >= self.num_cases:
+        if not self._active or len(self._images) >= self.num_cases:
             return
         try:
             self._images.append(self._image(trainer, pl_module, batch, batch_idx))

@@ -1,0 +1,89 @@
+"""The end of a run: its best score, and for W&B the run summary, the loss-scale chart and the per-layer table."""
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+
+from medseg.precision.monitor import FP16_MAX, PrecisionMonitor
+from medseg.tracking.loggers import SafeWandbLogger, log_to_wandb, wandb_loggers
+
+
+def best_score(trainer: pl.Trainer, key: str) -> float | None:
+    """The checkpoint callback's best score when it monitors ``key``, else the last ``key`` logged (None if never)."""
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.monitor == key and ckpt.best_model_score is not None:
+        return float(ckpt.best_model_score)
+    value = trainer.callback_metrics.get(key)
+    return float(value) if value is not None else None
+
+
+class WandbRunSummary(pl.Callback):
+    """At the end of training, for every W&B logger: the run summary (best ``val/dice``, skipped steps, final
+    loss scale, peak memory, mean step time, under ``summary/``), the loss-scale chart with overflow steps
+    marked, ready as a custom panel, and a table of the per-layer abs-maxes. Does nothing without W&B."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loggers = wandb_loggers(trainer)
+        if not loggers:
+            return
+        monitor = PrecisionMonitor.of(trainer)
+        summary: dict[str, Any] = {"summary/global_steps": trainer.global_step}
+        best_dice = best_score(trainer, "val/dice")
+        if best_dice is not None:
+            summary["summary/best_val_dice"] = best_dice
+        media: dict[str, Any] = {}
+        if monitor is not None:
+            summary.update({f"summary/{k}": v for k, v in monitor.totals().items()})
+            if monitor.scale_history:
+                media["precision/loss_scale_chart"] = loss_scale_chart(monitor.scale_history)
+            if monitor.layer_absmax:
+                media["precision/layer_absmax"] = layer_table(monitor.layer_absmax)
+        for logger in loggers:
+            if media:
+                log_to_wandb(logger, media, trainer.global_step)
+            if isinstance(logger, SafeWandbLogger):
+                logger.update_summary(summary)
+            else:
+                logger.experiment.summary.update(summary)
+
+
+def loss_scale_chart(history: list[tuple[int, float, int]]) -> Any:
+    """A W&B line-series panel: the loss scale (a step function, only its changes stored) and, as a second
+    series, a spike from 0 to the scale at every overflow step (a skipped step), flat 0 in between."""
+    import wandb
+
+    xs, ys = [], []
+    for i, (step, scale, _) in enumerate(history):
+        if i == 0 or i == len(history) - 1 or scale != history[i - 1][1]:
+            if i > 0 and scale != history[i - 1][1]:
+                xs.append(history[i - 1][0])
+                ys.append(history[i - 1][1])
+            xs.append(step)
+            ys.append(scale)
+    first, last = history[0][0], history[-1][0]
+    spike_x, spike_y = [first], [0.0]
+    for i, (step, scale, overflow) in enumerate(history):
+        if overflow:
+            before = history[i - 1][1] if i > 0 else scale
+            spike_x += [step, step, step]
+            spike_y += [0.0, before, 0.0]
+    spike_x.append(last)
+    spike_y.append(0.0)
+    return wandb.plot.line_series(
+        xs=[xs, spike_x],
+        ys=[ys, spike_y],
+        keys=["loss scale", "overflow (step skipped)"],
+        title="Loss scale; spikes mark overflow steps",
+        xname="trainer/global_step",
+    )
+
+
+def layer_table(layer_absmax: dict[str, tuple[float, float]]) -> Any:
+    import wandb
+
+    rows = []
+    for name, (act, grad) in sorted(layer_absmax.items(), key=lambda kv: -kv[1][0]):
+        headroom = math.log2(FP16_MAX / act) if act > 0 else math.inf
+        rows.append([name, act, grad, headroom])
+    return wandb.Table(columns=["layer", "act_absmax", "act_grad_absmax", "fp16_headroom_bits"], data=rows)
