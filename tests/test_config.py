@@ -117,3 +117,61 @@ def test_precision_is_not_in_defaults(tiny_cfg):
     """`+precision=<name>` only works while precision is absent from the defaults list."""
     assert "precision" not in tiny_cfg()
     assert tiny_cfg("+precision=amp").precision.name == "amp"
+
+
+# conf/ restates the defaults of medseg's own classes, so every option shows up in the config and can be overridden
+# without a `+`. These are the values that differ from the code on purpose; any other value must equal the
+# constructor's default, so the two cannot drift apart unnoticed. (Values for library classes, such as the
+# Lightning Trainer or MONAI nets, are medseg's choices and pin the library's behaviour; they are not checked.)
+DELIBERATE = {
+    "model/unet.yaml:channels_last": "auto: NDHWC on CPU, measured faster there (benchmarks/RESULTS.md)",
+    "model/dynunet.yaml:channels_last": "auto: NDHWC on CPU, measured faster there (benchmarks/RESULTS.md)",
+    "model/unet.yaml:scheduler.warmup_steps": "a short warm-up for AdamW",
+    "model/segresnet.yaml:scheduler.warmup_steps": "a short warm-up for AdamW",
+    "model/dynunet.yaml:scheduler.warmup_steps": "nnU-Net-style SGD: a longer warm-up",
+    "model/dynunet.yaml:scheduler.kind": "nnU-Net's poly schedule",
+    "logger/wandb.yaml:wandb.project": "every run lands in the 'medseg' W&B project",
+    "logger/wandb.yaml:wandb.offline": "offline by default: no account, no network",
+}
+
+
+def _medseg_targets(node, key=""):
+    """(dotted key, node) of every `_target_: medseg...` node in a plain nested dict."""
+    if isinstance(node, dict):
+        if str(node.get("_target_", "")).startswith("medseg."):
+            yield key, node
+        for k, v in node.items():
+            yield from _medseg_targets(v, f"{key}.{k}".lstrip("."))
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _restated_values():
+    import inspect
+
+    from hydra.utils import get_method
+
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        for key, node in _medseg_targets(OmegaConf.to_container(OmegaConf.load(path))):
+            params = inspect.signature(get_method(node["_target_"])).parameters
+            for name, value in node.items():
+                param = params.get(name)
+                if param is None or param.default is inspect.Parameter.empty:
+                    continue  # `_target_`, required arguments, **kwargs passed on
+                if isinstance(value, dict) or (isinstance(value, str) and "${" in value):
+                    continue  # a nested object or an interpolation: set from elsewhere
+                where = f"{path.relative_to(CONF_DIR)}:{key + '.' if key else ''}{name}"
+                yield where, _plain(value), _plain(param.default)
+
+
+def test_conf_restates_medseg_defaults_exactly():
+    values = list(_restated_values())
+    assert len(values) > 30  # the walk reaches data, model, callbacks and precision
+    drifted = [f"{w}: {v!r} in conf, {d!r} in code" for w, v, d in values if v != d and w not in DELIBERATE]
+    assert not drifted, "conf/ and the code disagree (align them, or add the key to DELIBERATE with why):\n" + (
+        "\n".join(drifted)
+    )
+    stale = set(DELIBERATE) - {w for w, v, d in values if v != d}
+    assert not stale, f"DELIBERATE lists keys that now equal the code's default or are gone: {stale}"

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from medseg.report import load_run
+from medseg.tracking.runs import load_run
 
 from .helpers import output, run_cli
 

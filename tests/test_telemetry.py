@@ -19,10 +19,10 @@ from medseg.data.synthetic import write_synthetic_dataset
 from medseg.precision.monitor import PrecisionMonitor
 from medseg.precision.plugin import MasterWeightPrecision
 from medseg.precision.scaler import DynamicLossScaler
-from medseg.report import load_run, summary_rows
 from medseg.report import main as report_main
 from medseg.tracking.loggers import SafeWandbLogger, make_loggers
 from medseg.tracking.offline import read_offline_run
+from medseg.tracking.runs import load_run, summary_rows
 
 from .helpers import TINY, TINY_UNET, on_dataset, output, run_cli
 

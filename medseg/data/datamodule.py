@@ -43,7 +43,7 @@ class MSDDataModule(pl.LightningDataModule):
     def __init__(
         self,
         root: str,
-        patch_size: Sequence[int] = (64, 64, 64),
+        patch_size: Sequence[int] = (96, 96, 96),
         spacing: Sequence[float] | None = None,
         batch_size: int = 2,
         num_samples: int = 2,

@@ -33,7 +33,6 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,9 +40,10 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
+from medseg.precision.layer_ranges import LayerRanges, first_tensor
 from medseg.precision.plugin import MasterWeightPrecision
 from medseg.tracking.loggers import log_to_wandb, wandb_loggers
 
@@ -54,14 +54,6 @@ LOW_DTYPE_OF = {
     "16-true": torch.float16,
     "bf16-true": torch.bfloat16,
 }
-
-
-def _first_tensor(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return next((o for o in output if isinstance(o, Tensor)), None)
-    return None
 
 
 @dataclass
@@ -77,8 +69,6 @@ class _Step:
     amaxes: list[Tensor] = field(default_factory=list)
     zero_counts: list[tuple[Tensor, int]] = field(default_factory=list)
     masters: list[tuple[list[Tensor], Tensor]] = field(default_factory=list)
-    acts: dict[str, Tensor] = field(default_factory=dict)
-    out_grads: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,7 +89,7 @@ class _Row:
 
 def _voxels(batch: Any) -> int:
     """Voxels in the batch's image: batch x spatial size, channels not counted."""
-    image = batch.get("image") if isinstance(batch, dict) else _first_tensor(batch)
+    image = batch.get("image") if isinstance(batch, dict) else first_tensor(batch)
     if not isinstance(image, Tensor) or image.ndim < 3:
         return 0
     return image.numel() // image.shape[1]
@@ -123,10 +113,7 @@ class PrecisionMonitor(pl.Callback):
     - ``update_lost_frac``: the FP32 weights are copied before the optimizer step; an element counts as lost when
       it changed but ``round_low(round_low(before) + (after - before)) == round_low(before)``, i.e. applying the
       same update to the low-precision weight would have left it unchanged.
-    - per-layer abs-max: forward hooks on every leaf module with weights (losses excluded), added for the
-      sampled step only and removed after it; one ``aminmax`` pass per output, and a tensor hook for the output
-      gradient, the scaled one that flows through the backward pass in the low dtype, which is what can
-      overflow.
+    - per-layer abs-max: ``medseg.precision.layer_ranges.LayerRanges``, hooked in for the sampled step only.
 
     Args:
         every_n_steps: costly metrics, and the write-out of the buffered cheap ones, on every n-th step;
@@ -166,11 +153,10 @@ class PrecisionMonitor(pl.Callback):
         self._device = torch.device("cpu")
         self._cuda = False
         self._layer_stats = layer_stats
-        self._layers: list[tuple[str, nn.Module]] | None = None  # found on the first costly step
+        self._ranges = LayerRanges()
         # per step
         self._step: _Step | None = None
         self._rows: list[_Row] = []
-        self._handles: list[Any] = []
         self._warned: tuple[str, ...] = ()
 
     @staticmethod
@@ -187,7 +173,7 @@ class PrecisionMonitor(pl.Callback):
         self._scaler = plugin.scaler if self._amp else None
         self._device = trainer.strategy.root_device
         self._cuda = self._device.type == "cuda"
-        self._layers = None
+        self._ranges = LayerRanges()  # layers found anew for this module
         self._layer_stats = self.layer_stats
         if self.layer_stats and pl_module.hparams.get("compile"):
             # hooks added and removed every n steps would make torch.compile retrace the net each time, until it
@@ -216,7 +202,7 @@ class PrecisionMonitor(pl.Callback):
             start = time.perf_counter()
         self._step = _Step(step=step, voxels=_voxels(batch), costly=(step + 1) % self._n == 0, start=start)
         if self._step.costly and self._layer_stats:
-            self._add_layer_hooks(pl_module)
+            self._ranges.attach(pl_module)
 
     def _scale_used(self) -> float | Tensor | None:
         """The scale this step's backward ran with (the scalers update only after the optimizer step)."""
@@ -296,9 +282,7 @@ class PrecisionMonitor(pl.Callback):
             row.metrics["grad_zero_frac"] = sum(zeros) / max(sum(total), 1)
         if step.masters:
             row.metrics["update_lost_frac"] = self._update_lost_frac(step.masters)
-        self._remove_layer_hooks()
-        if step.acts:
-            row.layers = (step.acts, step.out_grads)
+        row.layers = self._ranges.detach()
         if self._cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -323,45 +307,6 @@ class PrecisionMonitor(pl.Callback):
             lost.append((moved & unchanged).sum())
         # a skipped step moves nothing: 0/0 is NaN, dropped at write-out
         return sum(lost) / sum(changed)
-
-    # ------------------------------------------------------------------ per-layer hooks
-    def _add_layer_hooks(self, pl_module: pl.LightningModule) -> None:
-        if self._layers is None:
-            # leaves with weights (convolutions, norms, PReLU, linear): activation-only leaves such as dropout or
-            # ReLU pass on what the layer before them produced, and hooking them would double the cost for nothing
-            self._layers = [
-                (name, module)
-                for name, module in pl_module.named_modules()
-                if not isinstance(module, nn.modules.loss._Loss)
-                and next(module.children(), None) is None
-                and next(module.parameters(recurse=False), None) is not None
-            ]
-        for name, module in self._layers:
-            self._handles.append(module.register_forward_hook(partial(self._record_layer, name)))
-
-    def _record_layer(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
-        out = _first_tensor(output)
-        if out is None or not out.is_floating_point() or out.numel() == 0:
-            return
-        low, high = torch.aminmax(out.detach())  # one pass; abs().amax() reads the tensor twice
-        value = torch.maximum(low.abs(), high)
-        acts = self._step.acts
-        acts[name] = torch.maximum(acts[name], value) if name in acts else value
-        if out.requires_grad:
-            out.register_hook(partial(self._record_grad, name))
-
-    def _record_grad(self, name: str, grad: Tensor) -> None:
-        if grad.numel() == 0:
-            return
-        low, high = torch.aminmax(grad.detach())  # one pass; abs().amax() reads the tensor twice
-        value = torch.maximum(low.abs(), high)
-        grads = self._step.out_grads
-        grads[name] = torch.maximum(grads[name], value) if name in grads else value
-
-    def _remove_layer_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     # ------------------------------------------------------------------ write-out
     _DEVICE_FIELDS = ("loss", "scale_used", "amax", "amax_scale")
@@ -472,7 +417,7 @@ class PrecisionMonitor(pl.Callback):
         self._write(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_layer_hooks()
+        self._ranges.detach()
         try:
             self._write(trainer)  # the steps that led to a crash (e.g. the plugin's NaN stop) are the telling ones
         except Exception:  # noqa: BLE001 - never mask the exception that ended training

@@ -11,10 +11,8 @@ optimizer ``load_state_dict`` (lands on the masters, since they are what ``param
 """
 
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -27,23 +25,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from medseg.precision.convert import cast_floating, to_low_precision
 from medseg.precision.scaler import DynamicLossScaler
 
 log = logging.getLogger(__name__)
 
-# Normalisation layers keep FP32 weights (and running statistics): their means and variances over many voxels
-# must not be rounded to FP16/BF16. _NormBase covers BatchNorm*, SyncBatchNorm and InstanceNorm*, which are also
-# what MONAI's Norm factory returns. ATen's and cuDNN's batch/instance-norm kernels take FP16/BF16 input with FP32
-# weights and accumulate the statistics in FP32 (autocast relies on it), so by default these layers are fed the
-# low-precision activations as they come; casting them to FP32 and back costs three passes over every activation
-# and an FP32 copy kept for backward (H200, UNet 128^3: +19 % step time; CPU: +7-9 %, +17-22 % peak memory).
-# GroupNorm and LayerNorm were not measured that way and always compute in FP32.
-STAT_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase,)
-NORM_TYPES: tuple[type[nn.Module], ...] = STAT_NORM_TYPES + (nn.GroupNorm, nn.LayerNorm)
-# Loss modules (torch's and MONAI's derive from _Loss) keep FP32 buffers such as class weights and compute in
-# FP32: softmax/log of low-precision logits is where FP16 hurts most, and a FP16 class weight next to FP32
-# logits would not even run. Their output stays FP32.
-LOSS_TYPES: tuple[type[nn.Module], ...] = (nn.modules.loss._Loss,)
 LOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Optimizers with a `fused=True` kernel on both CPU and CUDA. The step on the masters comes right after the
 # plugin's one host sync, with no GPU work queued behind it, so its launch overhead is GPU idle time: the fused
@@ -63,19 +49,6 @@ def saved_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     """This plugin's state in a checkpoint (under its name, or the legacy key when that entry has masters)."""
     state = checkpoint.get(MasterWeightPrecision.__qualname__) or checkpoint.get(LEGACY_STATE_KEY) or {}
     return state if "masters" in state else None
-
-
-def _cast_floating(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    # integer tensors (labels, counters like num_batches_tracked) must keep their dtype
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
-
-
-def _inputs_to_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    return apply_to_collection((args, kwargs), Tensor, _cast_floating, torch.float32)
-
-
-def _output_to(module: nn.Module, args: tuple[Any, ...], output: Any, dtype: torch.dtype) -> Any:
-    return _cast_floating(output, dtype) if isinstance(output, Tensor) else output
 
 
 def _prefer_fused(optimizer: Optimizer) -> None:
@@ -171,7 +144,6 @@ class MasterWeightPrecision(Precision):
         self._dtype: torch.dtype | None = None
         self._masters: list[tuple[Optimizer, _Masters]] = []
         self._pending_state: dict[str, Any] | None = None  # plugin state loaded before connect() made masters
-        self._hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules that already have our hooks
         if dtype != "auto":
             self._set_dtype(dtype)
 
@@ -212,20 +184,7 @@ class MasterWeightPrecision(Precision):
         """
         self._resolve_dtype(module)
         assert self._dtype is not None
-        low = self._dtype
-        for m in module.modules():
-            # `_apply(recurse=False)` is what `Module.to` uses, one module at a time, so norm weights are
-            # never rounded through the low dtype and the Parameter objects keep their identity
-            if isinstance(m, NORM_TYPES + LOSS_TYPES):
-                m._apply(partial(_cast_floating, dtype=torch.float32), recurse=False)
-                low_input = isinstance(m, STAT_NORM_TYPES) and not self.norms_in_float32
-                if m not in self._hooked and not low_input:
-                    m.register_forward_pre_hook(_inputs_to_fp32, with_kwargs=True)
-                    if isinstance(m, NORM_TYPES):
-                        m.register_forward_hook(partial(_output_to, dtype=low))
-                    self._hooked.add(m)
-            else:
-                m._apply(partial(_cast_floating, dtype=low), recurse=False)
+        to_low_precision(module, self._dtype, norms_in_float32=self.norms_in_float32)
         return module
 
     @override
@@ -233,7 +192,7 @@ class MasterWeightPrecision(Precision):
         """Cast the floating tensors of a batch to the low dtype; integer tensors (labels) are left alone."""
         if self._dtype is None:
             return data
-        return apply_to_collection(data, Tensor, _cast_floating, self._dtype)
+        return apply_to_collection(data, Tensor, cast_floating, self._dtype)
 
     @override
     def connect(
@@ -273,7 +232,7 @@ class MasterWeightPrecision(Precision):
             for p, m in zip(model_params, master_params, strict=True):
                 if p is not m and p in optimizer.state:
                     state = optimizer.state.pop(p)
-                    optimizer.state[m] = apply_to_collection(state, Tensor, _cast_floating, torch.float32)
+                    optimizer.state[m] = apply_to_collection(state, Tensor, cast_floating, torch.float32)
             low = [(p, m) for p, m in zip(model_params, master_params, strict=True) if p is not m]
             entry = _Masters(
                 names=[names.get(p, "") for p in model_params],

@@ -1,0 +1,63 @@
+"""Which layers of a low-precision net keep FP32, and how: shared by training (`MasterWeightPrecision`) and
+prediction, so a net predicts in the same numerics it was trained in."""
+
+import weakref
+from functools import partial
+from typing import Any
+
+import torch
+from lightning_utilities import apply_to_collection
+from torch import Tensor, nn
+
+# Normalisation layers keep FP32 weights (and running statistics): their means and variances over many voxels
+# must not be rounded to FP16/BF16. _NormBase covers BatchNorm*, SyncBatchNorm and InstanceNorm*, which are also
+# what MONAI's Norm factory returns. ATen's and cuDNN's batch/instance-norm kernels take FP16/BF16 input with FP32
+# weights and accumulate the statistics in FP32 (autocast relies on it), so by default these layers are fed the
+# low-precision activations as they come; casting them to FP32 and back costs three passes over every activation
+# and an FP32 copy kept for backward (H200, UNet 128^3: +19 % step time; CPU: +7-9 %, +17-22 % peak memory).
+# GroupNorm and LayerNorm were not measured that way and always compute in FP32.
+STAT_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase,)
+NORM_TYPES: tuple[type[nn.Module], ...] = STAT_NORM_TYPES + (nn.GroupNorm, nn.LayerNorm)
+# Loss modules (torch's and MONAI's derive from _Loss) keep FP32 buffers such as class weights and compute in
+# FP32: softmax/log of low-precision logits is where FP16 hurts most, and a FP16 class weight next to FP32
+# logits would not even run. Their output stays FP32.
+LOSS_TYPES: tuple[type[nn.Module], ...] = (nn.modules.loss._Loss,)
+
+# modules that already carry the casting hooks: converting a net twice (fit, then test) must not stack them
+_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def cast_floating(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    # integer tensors (labels, counters like num_batches_tracked) must keep their dtype
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return apply_to_collection((args, kwargs), Tensor, cast_floating, torch.float32)
+
+
+def _output_to(module: nn.Module, args: tuple[Any, ...], output: Any, dtype: torch.dtype) -> Any:
+    return cast_floating(output, dtype) if isinstance(output, Tensor) else output
+
+
+def to_low_precision(module: nn.Module, dtype: torch.dtype, norms_in_float32: bool = False) -> nn.Module:
+    """Cast ``module`` to ``dtype`` (float16/bfloat16) in place, except norm layers and losses, which keep FP32
+    weights: BatchNorm/InstanceNorm take the low-precision input (their kernels accumulate in FP32) unless
+    ``norms_in_float32``; GroupNorm/LayerNorm, and with ``norms_in_float32`` every norm, get their input cast to
+    FP32 and their output back to ``dtype``; losses compute and return FP32.
+
+    In place, and `_apply(recurse=False)` one module at a time (what `Module.to` uses), so norm weights are never
+    rounded through the low dtype and Parameter objects keep their identity (optimizers built on them stay valid).
+    """
+    for m in module.modules():
+        if isinstance(m, NORM_TYPES + LOSS_TYPES):
+            m._apply(partial(cast_floating, dtype=torch.float32), recurse=False)
+            low_input = isinstance(m, STAT_NORM_TYPES) and not norms_in_float32
+            if m not in _HOOKED and not low_input:
+                m.register_forward_pre_hook(_inputs_to_fp32, with_kwargs=True)
+                if isinstance(m, NORM_TYPES):
+                    m.register_forward_hook(partial(_output_to, dtype=dtype))
+                _HOOKED.add(m)
+        else:
+            m._apply(partial(cast_floating, dtype=dtype), recurse=False)
+    return module
