@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from medseg import CONF_DIR
+from medseg.tracking.tables import markdown_table
 
 WAIT_MS = 5.0
 
@@ -106,37 +107,35 @@ def bench_dataset(name: str, overrides: list[str], workers: int | None, step_ms:
 
 
 def tables(results: list[dict], step_ms: float) -> str:
-    lines = [
-        "| dataset | workers | patches/batch | pass | batches | epoch s | batches/s | first batch s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    passes = []
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['dataset']} | skipped: {r['skipped']} | | | | | | |")
+            passes.append({"dataset": r["dataset"], "workers": f"skipped: {r['skipped']}"})
             continue
         for p in ("no cache", "cold", "cached"):
             t = r[p]
-            lines.append(
-                f"| {r['dataset']} | {r['workers']} | {r['batch']} | {p} | {t['batches']} | {t['seconds']:.2f}"
-                f" | {t['batches_per_s']:.2f} | {t['first_s']:.2f} |"
-            )
-    lines += [
-        "",
-        f"Simulated training on the cached loader, {step_ms:g} ms compute per step:",
-        "",
-        f"| dataset | workers | steps | waited > {WAIT_MS:g} ms | same, without epoch starts | p50 wait ms"
-        " | p95 wait ms | max wait ms |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        if "skipped" in r:
-            continue
-        s = r["sim"]
-        lines.append(
-            f"| {r['dataset']} | {r['workers']} | {s['steps']} | {100 * s['waited']:.1f}%"
-            f" | {100 * s['waited_inner']:.1f}% | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | {s['max_ms']:.1f} |"
-        )
-    return "\n".join(lines)
+            passes.append({
+                "dataset": r["dataset"], "workers": r["workers"], "patches/batch": r["batch"], "pass": p,
+                "batches": t["batches"], "epoch s": f"{t['seconds']:.2f}", "batches/s": f"{t['batches_per_s']:.2f}",
+                "first batch s": f"{t['first_s']:.2f}",
+            })  # fmt: skip
+    waits = [
+        {
+            "dataset": r["dataset"], "workers": r["workers"], "steps": r["sim"]["steps"],
+            f"waited > {WAIT_MS:g} ms": f"{100 * r['sim']['waited']:.1f}%",
+            "same, without epoch starts": f"{100 * r['sim']['waited_inner']:.1f}%",
+            "p50 wait ms": f"{r['sim']['p50_ms']:.2f}", "p95 wait ms": f"{r['sim']['p95_ms']:.2f}",
+            "max wait ms": f"{r['sim']['max_ms']:.1f}",
+        }
+        for r in results
+        if "skipped" not in r
+    ]  # fmt: skip
+    pass_columns = ["dataset", "workers", "patches/batch", "pass", "batches", "epoch s", "batches/s", "first batch s"]
+    return "\n".join([
+        markdown_table(passes, pass_columns), "",
+        f"Simulated training on the cached loader, {step_ms:g} ms compute per step:", "",
+        markdown_table(waits) if waits else "(no dataset)",
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

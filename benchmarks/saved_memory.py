@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from medseg.precision.plugin import MasterWeightPrecision
+from medseg.tracking.tables import markdown_table
 
 sys.path.insert(0, str(Path(__file__).parent))  # a folder of scripts: the sibling script, also when imported
 from precision import LABEL_NAMES, build_module, synthetic_batches  # noqa: E402
@@ -59,20 +60,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--low", default="bfloat16", choices=["float16", "bfloat16"])
     args = parser.parse_args(argv)
     print(f"{args.model}, batch {args.batch}, {len(LABEL_NAMES)} classes; saved for backward, MiB")
-    print("| patch | fp32 net | fp32 loss | low net | low loss | loss share (low) | low/fp32 | low/fp32 without loss |")
-    print("|---|---|---|---|---|---|---|---|")
-    rows = []
+    rows, cells = [], []
     for patch in args.patch:
         torch.manual_seed(0)
         fp32 = measure(args.model, patch, args.batch, None)
         half = measure(args.model, patch, args.batch, args.low)
         total32, total16 = fp32["net"] + fp32["loss"], half["net"] + half["loss"]
-        print(
-            f"| {patch}^3 | {fp32['net']:.0f} | {fp32['loss']:.0f} | {half['net']:.0f} | {half['loss']:.0f} | "
-            f"{half['loss'] / total16:.0%} | {total16 / total32:.2f} | {half['net'] / fp32['net']:.2f} |"
-        )
+        cells.append({
+            "patch": f"{patch}^3", "fp32 net": f"{fp32['net']:.0f}", "fp32 loss": f"{fp32['loss']:.0f}",
+            "low net": f"{half['net']:.0f}", "low loss": f"{half['loss']:.0f}",
+            "loss share (low)": f"{half['loss'] / total16:.0%}", "low/fp32": f"{total16 / total32:.2f}",
+            "low/fp32 without loss": f"{half['net'] / fp32['net']:.2f}",
+        })  # fmt: skip
         row = {"fp32_net": fp32["net"], "fp32_loss": fp32["loss"], "low_net": half["net"], "low_loss": half["loss"]}
         rows.append({"patch": patch, **row})
+    print(markdown_table(cells))
     return rows
 
 

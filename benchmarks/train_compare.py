@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from medseg.tracking.tables import markdown_table
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,20 +72,18 @@ def table(results: list[dict]) -> str:
     def delta(r: dict, key: str) -> str:
         return f"{r[key] - fp32[key]:+.4f}" if fp32 and key in r and key in fp32 else "-"
 
-    lines = [
-        "| mode | precision | best val Dice | last val Dice | test Dice | Dice - fp32 | step ms | time/fp32"
-        " | peak MiB | mem/fp32 | opt % | loss | wall s | exit |",
-        "|" + "---|" * 14,
-    ]
-    for r in results:
-        share = f"{100 * r['opt_share']:.1f}" if "opt_share" in r else "-"
-        lines.append(
-            f"| {r['mode']} | {r.get('precision', '-')} | {fmt(r, 'best_val_dice', '.4f')}"
-            f" | {fmt(r, 'last_val_dice', '.4f')} | {fmt(r, 'test/dice', '.4f')} | {delta(r, 'last_val_dice')}"
-            f" | {fmt(r, 'step_ms', '.1f')} | {ratio(r, 'step_ms')} | {fmt(r, 'peak_mb', '.0f')}"
-            f" | {ratio(r, 'peak_mb')} | {share} | {fmt(r, 'loss', '.4f')} | {r['wall_s']:.0f} | {r['returncode']} |"
-        )
-    return "\n".join(lines)
+    rows = [
+        {
+            "mode": r["mode"], "precision": r.get("precision", "-"), "best val Dice": fmt(r, "best_val_dice", ".4f"),
+            "last val Dice": fmt(r, "last_val_dice", ".4f"), "test Dice": fmt(r, "test/dice", ".4f"),
+            "Dice - fp32": delta(r, "last_val_dice"), "step ms": fmt(r, "step_ms", ".1f"),
+            "time/fp32": ratio(r, "step_ms"), "peak MiB": fmt(r, "peak_mb", ".0f"), "mem/fp32": ratio(r, "peak_mb"),
+            "opt %": f"{100 * r['opt_share']:.1f}" if "opt_share" in r else "-", "loss": fmt(r, "loss", ".4f"),
+            "wall s": f"{r['wall_s']:.0f}", "exit": r["returncode"],
+        }
+        for r in results
+    ]  # fmt: skip
+    return markdown_table(rows)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -86,15 +86,17 @@ def preprocess(
 
 def augment(
     patch_size: Sequence[int],
-    num_samples: int = 2,
-    pos: float = 2.0,
-    neg: float = 1.0,
-    flip_axes: Sequence[int] = (0, 1, 2),
-    affine_prob: float = 0.2,
-    intensity_prob: float = 0.15,
+    *,
+    num_samples: int,
+    pos: float,
+    neg: float,
+    flip_axes: Sequence[int],
+    affine_prob: float,
+    intensity_prob: float,
 ) -> Compose:
     """Random patches (foreground-centred `pos / (pos + neg)` of the time, as nnU-Net oversamples foreground),
-    then nnU-Net-like spatial and intensity augmentation. Output patches: image (C, *patch_size)."""
+    then nnU-Net-like spatial and intensity augmentation. Output patches: image (C, *patch_size). The settings'
+    defaults live in one place, `MSDDataModule` (the `data.*` keys)."""
     keys = ["image", "label"]
     return Compose(
         [
