@@ -51,7 +51,6 @@ class LayerRanges:
     def attach(self, module: nn.Module) -> None:
         if self._layers is None:
             self._layers = weighted_leaves(module)
-        self.acts, self.out_grads = {}, {}
         for name, layer in self._layers:
             self._handles.append(layer.register_forward_hook(partial(self._record_output, name)))
 
@@ -60,7 +59,9 @@ class LayerRanges:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        return (self.acts, self.out_grads) if self.acts else None
+        ranges = (self.acts, self.out_grads) if self.acts else None
+        self.acts, self.out_grads = {}, {}
+        return ranges
 
     def _record_output(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         out = first_tensor(output)
