@@ -15,6 +15,7 @@ from monai.transforms import Compose
 
 from medseg.config_check import ConfigError
 from medseg.data.checks import check_dataset
+from medseg.data.resumable import ResumableDataLoader
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.data.transforms import augment, preprocess
 
@@ -211,14 +212,18 @@ class MSDDataModule(pl.LightningDataModule):
         self.train_set = self._dataset(self.train_files, train_tf)
         self.val_set = self._dataset(self.val_files, self.preprocessing())
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+    def train_dataloader(self) -> ResumableDataLoader:
+        # Shuffle and augmentation seeded per (epoch, item): a run resumed mid-epoch sees the same batches.
+        trainer = self.trainer
+        return ResumableDataLoader(
             self.train_set,
+            seed=self.seed,
             batch_size=self.batch_size,
-            shuffle=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=len(self.train_files) >= self.batch_size,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
         )
 
     def val_dataloader(self) -> DataLoader:
