@@ -11,6 +11,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be read; the message names the file and why."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """The file is damaged (truncated, cut short by a crash or a full disk), as opposed to complete but refused."""
+
+
 def load_checkpoint(path: str | Path, allow_unsafe: bool = False) -> dict:
     """Read a Lightning checkpoint with `torch.load(weights_only=True)`.
 
@@ -32,7 +36,7 @@ def load_checkpoint(path: str | Path, allow_unsafe: bool = False) -> dict:
             ) from None
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {err}") from None
+        raise UnreadableCheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {err}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
     if "inference" not in (ckpt.get("hyper_parameters") or {}):
