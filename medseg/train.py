@@ -2,6 +2,7 @@
 
 import logging
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -22,6 +23,7 @@ from medseg import CONF_DIR
 from medseg.checkpoint import CheckpointError, load_checkpoint
 from medseg.config_check import ConfigError, check_config, check_output_dir
 from medseg.data.checks import DatasetError
+from medseg.reliability.resume import newest_loadable
 from medseg.tracking.loggers import make_loggers, redact
 from medseg.tracking.summary import best_score
 from medseg.tracking.sweep import write_job_result
@@ -82,24 +84,16 @@ def precision_kwargs(prec: DictConfig | None) -> dict:
     return {"precision": prec["lightning"]}
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path=last`: the newest last.ckpt or interrupted.ckpt (Ctrl-C, SIGTERM, a crash) of this run's own
-    directory (a requeued job), else of any earlier run of this task. Checked before any work starts."""
+def resolve_ckpt_path(cfg: DictConfig, expected: dict) -> str | None:
+    """`ckpt_path=last`: the newest checkpoint that loads in this run's own directory (a requeued job), else in
+    any earlier run of this task; damaged ones are skipped and named, one for another model or dataset (its
+    `inference` hyperparameters differ from `expected`) is refused. Checked before any training starts."""
     if cfg.ckpt_path is None:
         return None
     if cfg.ckpt_path != "last":
         load_checkpoint(cfg.ckpt_path)  # a missing, truncated or foreign file fails here, naming it
         return cfg.ckpt_path
-    names = ("last.ckpt", "interrupted.ckpt")
-    for where in (Path(cfg.paths.output_dir), Path(cfg.paths.log_dir, cfg.task_name)):
-        candidates = [p for name in names for p in where.glob(f"**/checkpoints/{name}")]
-        if candidates:
-            newest = max(candidates, key=lambda p: p.stat().st_mtime)
-            load_checkpoint(newest)
-            return str(newest)
-    raise ConfigError(
-        f"ckpt_path=last: no last.ckpt or interrupted.ckpt under {Path(cfg.paths.log_dir, cfg.task_name)}"
-    )
+    return str(newest_loadable([Path(cfg.paths.output_dir), Path(cfg.paths.log_dir, cfg.task_name)], expected))
 
 
 def print_summary(trainer: pl.Trainer, model, output_dir: str, best_ckpt: str) -> None:
@@ -130,16 +124,18 @@ def train(cfg: DictConfig) -> float | None:
     """Fit, test the best checkpoint, print the summary; returns `cfg.optimized_metric` for sweepers."""
     check_config(cfg)
     check_output_dir(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg)
     fit = cfg.get("train", True)
-    if not fit and not (ckpt_path and cfg.test):
+    if not fit and not (cfg.ckpt_path and cfg.test):
         raise ConfigError("train=false tests a checkpoint: set ckpt_path=<file.ckpt> (or last) and keep test=true")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
     model = build_model(cfg, datamodule)
+    ckpt_path = resolve_ckpt_path(cfg, model.hparams.inference)
     # make_loggers: W&B named after the Hydra job; a W&B failure warns and leaves the CSV logger
     callbacks, loggers = instantiate_each(cfg.get("callbacks")), make_loggers(cfg)
-    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **precision_kwargs(cfg.get("precision")))
+    kwargs = precision_kwargs(cfg.get("precision"))
+    kwargs["plugins"] = [*kwargs.get("plugins", []), instantiate(cfg.checkpoint_io)]  # beside a precision plugin
+    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
     for logger in trainer.loggers:
         logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
 
@@ -147,9 +143,10 @@ def train(cfg: DictConfig) -> float | None:
         if fit:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except RuntimeError as err:
-        # e.g. MasterWeightPrecision giving up on inf/NaN gradients: say where a good state is before re-raising
-        ckpt = trainer.checkpoint_callback
-        last_good = (ckpt.last_model_path or ckpt.best_model_path) if ckpt else ""
+        # e.g. MasterWeightPrecision or NonFiniteLossGuard giving up on inf/NaN: where is a good state?
+        ckpts = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+        saved = [p for c in ckpts for p in (c.last_model_path, c.best_model_path) if p]
+        last_good = max((p for p in saved if os.path.isfile(p)), key=os.path.getmtime, default="")
         log.error("Training stopped at step %d: %s\nLast good checkpoint: %s", trainer.global_step, err,
                   last_good or "(none saved yet)")  # fmt: skip
         raise
