@@ -1,4 +1,6 @@
-"""SIGTERM or Ctrl-C mid-epoch, then `ckpt_path=last`: the resumed run ends bit-identical to an uninterrupted one."""
+"""SIGTERM or Ctrl-C mid-epoch, then `ckpt_path=last`: the resumed run ends bit-identical to an uninterrupted one,
+on distinct cases with shuffling, random patches and augmentation on (so the order and randomness of the rest of
+the interrupted epoch matter)."""
 
 import signal
 import subprocess
@@ -10,33 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.data.synthetic import LABELS, make_case
-
-from .conftest import TINY, TINY_UNET
+from .conftest import TINY, TINY_UNET, compose_cfg
 
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def identical_cases(tmp_path_factory):
-    """Four copies of one 32^3 case already at the target spacing and orientation, so that the patch sampler
-    has one choice and the data order within an epoch cannot change the result (Lightning restarts an
-    interrupted epoch's data from its first batch)."""
-    import json
-
-    root = tmp_path_factory.mktemp("identical")
-    (root / "imagesTr").mkdir()
-    (root / "labelsTr").mkdir()
-    image, label = make_case(np.random.default_rng(3), (32, 32, 32))
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    training = []
-    for i in range(4):
-        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"c{i}.nii.gz")
-        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"c{i}.nii.gz")
-        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
-    meta = {"modality": {"0": "MRI"}, "labels": LABELS, "training": training}
-    (root / "dataset.json").write_text(json.dumps(meta))
-    return root
 
 
 def _cmd(dataset, logs, run_dir, *extra):
@@ -44,10 +22,10 @@ def _cmd(dataset, logs, run_dir, *extra):
         sys.executable, "-m", "medseg.train", *TINY, *TINY_UNET,
         f"data.root={dataset}", "++data.synthesize=null", f"data.cache_dir={logs}/cache", "data.cache=none",
         "data.spacing=[2,2,2]", "data.val_fraction=0.25", "data.batch_size=1", "data.num_samples=1",
-        "data.flip_axes=[]", "data.affine_prob=0", "data.intensity_prob=0", "data.patch_size=[32,32,32]",
+        "data.patch_size=[32,32,32]",
         f"trainer.max_steps={STEPS}", "trainer.max_epochs=-1", "trainer.check_val_every_n_epoch=100",
         "trainer.deterministic=true", "test=false", "+precision=mixed", "precision.plugin.dtype=float16",
-        "precision.plugin.scaler.init_scale=16777216", "precision.plugin.scaler.growth_interval=2",
+        "precision.plugin.scaler.init_scale=16384", "precision.plugin.scaler.growth_interval=2",
         f"paths.log_dir={logs}", f"hydra.run.dir={run_dir}", *extra,
     ]  # fmt: skip
 
@@ -64,22 +42,33 @@ def _assert_identical(a, b):
     for ma, mb in zip(a[2]["masters"][0], b[2]["masters"][0], strict=True):
         assert torch.equal(ma, mb)
     assert a[2]["scaler"] == b[2]["scaler"]
-    assert a[2]["scaler"]["overflows"] > 0  # 2**24 overflows FP16: the scaler did real work
+    # The scale grows every 2 steps until FP16 overflows: the scaler did real work, and most steps were applied
+    # (with every step skipped, as from a huge initial scale, the data could not matter).
+    assert a[2]["scaler"]["overflows"] > 0 and a[3][0]["state"][0]["step"] >= STEPS - 3
     for pa, pb in zip(a[3][0]["state"].values(), b[3][0]["state"].values(), strict=True):
         for k in pa:
             assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), k
 
 
+def test_the_data_makes_order_and_randomness_matter(tiny_dataset, tmp_path):
+    """Guards the test below against data that hides the problem: the cases differ, augmentation is on."""
+    cfg = compose_cfg(_cmd(tiny_dataset, tmp_path, tmp_path / "run")[3:-1], tmp_path / "run")
+    assert list(cfg.data.flip_axes) == [0, 1, 2] and cfg.data.affine_prob > 0 and cfg.data.intensity_prob > 0
+    images = sorted((tiny_dataset / "imagesTr").glob("*.nii.gz"))
+    first, second = (np.asarray(nib.load(p).dataobj) for p in images[:2])
+    assert first.shape != second.shape or not np.array_equal(first, second)
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(identical_cases, tmp_path_factory):
+def uninterrupted(tiny_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
-    result = subprocess.run(_cmd(identical_cases, tmp / "logs", tmp / "run"), capture_output=True, text=True)
+    result = subprocess.run(_cmd(tiny_dataset, tmp / "logs", tmp / "run"), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return _state(tmp / "run" / "checkpoints" / "last.ckpt")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
-def test_interrupt_and_resume_is_exact(sig, identical_cases, uninterrupted, tmp_path):
+def test_interrupt_and_resume_is_exact(sig, tiny_dataset, uninterrupted, tmp_path):
     logs, step_file = tmp_path / "logs", tmp_path / "step"
     runs = logs / "train" / "runs"
     slow = [
@@ -88,7 +77,7 @@ def test_interrupt_and_resume_is_exact(sig, identical_cases, uninterrupted, tmp_
         "+callbacks.step_file.sleep=0.5",
     ]
     proc = subprocess.Popen(
-        _cmd(identical_cases, logs, runs / "run1", *slow), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _cmd(tiny_dataset, logs, runs / "run1", *slow), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 120
     while not (step_file.exists() and step_file.read_text() and int(step_file.read_text()) >= 4):
@@ -102,8 +91,6 @@ def test_interrupt_and_resume_is_exact(sig, identical_cases, uninterrupted, tmp_
     assert 4 <= stopped_at < STEPS, stopped_at
     assert "ckpt_path=last" in err + out  # the user is told how to resume
 
-    result = subprocess.run(
-        _cmd(identical_cases, logs, runs / "run2", "ckpt_path=last"), capture_output=True, text=True
-    )
+    result = subprocess.run(_cmd(tiny_dataset, logs, runs / "run2", "ckpt_path=last"), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_identical(_state(runs / "run2" / "checkpoints" / "last.ckpt"), uninterrupted)
