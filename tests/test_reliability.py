@@ -135,3 +135,26 @@ def test_cli_errors_are_one_message_without_traceback(override, message, tiny_da
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp", "bf16", "half"])
+def test_nan_loss_stops_every_precision(precision, tmp_path, tiny_cfg, caplog):
+    """Lightning's own precisions train on through NaN; NonFiniteLossGuard skips those updates (the recovery
+    checkpoint written meanwhile keeps finite weights) and stops as the mixed plugin does, naming the step and
+    the last good checkpoint."""
+    root = write_synthetic_dataset(tmp_path / "nan", num_cases=4, min_size=32, max_size=34)
+    for path in sorted((root / "imagesTr").glob("*.nii.gz")):
+        img = nib.load(path)
+        data = np.asarray(img.dataobj).copy()
+        data[5:9, 5:9, 5:9] = np.nan
+        nib.save(nib.Nifti1Image(data, img.affine), path)
+    cfg = tiny_cfg(f"data.root={root}", "data.validate=false", "data.val_fraction=0.25", "data.batch_size=1",
+                   f"+precision={precision}", "callbacks.nonfinite_guard.max_consecutive_skips=3",
+                   "callbacks.recovery_checkpoint.train_time_interval=null",
+                   "callbacks.recovery_checkpoint.every_n_train_steps=1", "trainer.max_epochs=5")  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"NonFiniteLossGuard: inf/NaN loss at global step 2: 3 steps in a row"):
+        train(cfg)
+    recovery = f"{cfg.paths.output_dir}/checkpoints/recovery.ckpt"
+    assert f"Last good checkpoint: {recovery}" in caplog.text
+    state = torch.load(recovery, weights_only=True)
+    assert state["global_step"] == 2 and all(v.isfinite().all() for v in state["state_dict"].values())
