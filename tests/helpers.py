@@ -1,6 +1,7 @@
-"""Test helpers: running the CLI in a subprocess, and callbacks importable by `_target_` from such a run
-(`tests.helpers.X`)."""
+"""Test helpers: running the CLI in a subprocess, and callbacks and plugins importable by `_target_` from such a
+run (`tests.helpers.X`)."""
 
+import io
 import os
 import subprocess
 import sys
@@ -8,6 +9,9 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
+
+from medseg.reliability.atomic_io import AtomicCheckpointIO
 
 # Small enough for a few seconds of CPU per run: 32^3 patches, 8-16-32 U-Net.
 TINY = [
@@ -70,3 +74,23 @@ class StepFile(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.path.write_text(str(trainer.global_step))
         time.sleep(self.sleep)
+
+
+class SlowCheckpointIO(AtomicCheckpointIO):
+    """Writes the first half of each checkpoint, creates `marker`, sleeps `sleep` seconds, then writes the rest
+    and removes `marker`: a test can kill the process while a checkpoint is half written."""
+
+    def __init__(self, marker: str, sleep: float = 0.3) -> None:
+        super().__init__()
+        self.marker, self.sleep = Path(marker), sleep
+
+    def write(self, checkpoint: dict, f) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        self.marker.write_text(f.name)
+        time.sleep(self.sleep)
+        f.write(data[len(data) // 2 :])
+        self.marker.unlink()
