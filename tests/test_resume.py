@@ -1,5 +1,7 @@
-"""`ckpt_path=last` with a damaged newest checkpoint (skipped, named) and with a foreign one (refused)."""
+"""Atomic checkpoint writes; `ckpt_path=last` with a damaged newest checkpoint (skipped, named) and a foreign one
+(refused)."""
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from medseg.checkpoint import CheckpointError
+from medseg.reliability.atomic_io import AtomicCheckpointIO
 from medseg.train import train
 
 
@@ -60,3 +63,24 @@ def test_foreign_checkpoint_is_refused_with_its_reason(tiny_cfg):
     message = str(err.value)
     assert str(foreign) in message and "another model or dataset" in message
     assert "net.channels: [4, 8, 16] in the checkpoint, [8, 16, 32] now" in message
+
+
+class _DiesHalfWay(AtomicCheckpointIO):
+    """Writes half of the checkpoint, then fails as a killed process would stop."""
+
+    def write(self, checkpoint, f) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt
+
+
+def test_atomic_write_leaves_the_old_checkpoint_whole(tmp_path):
+    path = tmp_path / "checkpoints" / "recovery.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+    with pytest.raises(KeyboardInterrupt):
+        _DiesHalfWay().save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1  # the old file, complete, under its name
+    assert 0 < path.with_name("recovery.ckpt.tmp").stat().st_size < path.stat().st_size
+    AtomicCheckpointIO().save_checkpoint({"step": 3, "w": torch.zeros(1000)}, path)  # the leftover is reused
+    assert torch.load(path, weights_only=True)["step"] == 3 and not path.with_name("recovery.ckpt.tmp").exists()
