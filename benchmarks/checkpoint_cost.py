@@ -22,6 +22,7 @@ from omegaconf import open_dict
 
 from medseg import CONF_DIR
 from medseg.reliability.atomic_io import AtomicCheckpointIO
+from medseg.tracking.tables import markdown_table
 from medseg.train import build, build_model, precision_kwargs
 
 PRESETS = {
@@ -54,20 +55,23 @@ def measure(preset: str, steps: int, saves: int, workdir: Path) -> dict:
     clock = StepClock()
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False, callbacks=[clock],
                          enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-                         **precision_kwargs(cfg))  # fmt: skip
+                         **precision_kwargs(cfg.get("precision")))  # fmt: skip
     trainer.fit(model, datamodule=datamodule)
-    row = {"preset": preset, "step_s": statistics.median(clock.times[3:])}
     path = Path(cfg.paths.output_dir, "checkpoints", "recovery.ckpt")
-    for name, io in (("atomic_s", AtomicCheckpointIO()), ("lightning_s", TorchCheckpointIO())):
+    save_s = {}
+    for name, io in (
+        ("save, atomic + fsync (s)", AtomicCheckpointIO()),
+        ("save, Lightning default (s)", TorchCheckpointIO()),
+    ):
         trainer.strategy.checkpoint_io = io
         times = []
         for _ in range(saves):
             start = time.perf_counter()
             trainer.save_checkpoint(path)
             times.append(time.perf_counter() - start)
-        row[name] = statistics.median(times)
-    row["size_mb"] = path.stat().st_size / 2**20
-    return row
+        save_s[name] = statistics.median(times)
+    step_s, size_mb = statistics.median(clock.times[3:]), path.stat().st_size / 2**20
+    return {"preset": preset, "step (s)": step_s, "checkpoint (MB)": size_mb, **save_s}
 
 
 def main() -> None:
@@ -78,14 +82,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(p, args.steps, args.saves, Path(tmp)) for p in args.presets]
-    print("| preset | step (s) | checkpoint (MB) | save, atomic + fsync (s) | save, Lightning default (s) "
-          "| atomic save in steps | share of training at one per 5 min |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        in_steps, share = r["atomic_s"] / r["step_s"], r["atomic_s"] / INTERVAL_S
-        cells = [r["preset"], f"{r['step_s']:.3f}", f"{r['size_mb']:.1f}", f"{r['atomic_s']:.3f}",
-                 f"{r['lightning_s']:.3f}", f"{in_steps:.2f}", f"{share:.4%}"]  # fmt: skip
-        print("| " + " | ".join(cells) + " |")
+    for row in rows:
+        row["atomic save in steps"] = row["save, atomic + fsync (s)"] / row["step (s)"]
+        row["share of training at one per 5 min"] = f"{row['save, atomic + fsync (s)'] / INTERVAL_S:.4%}"
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

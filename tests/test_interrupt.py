@@ -4,7 +4,6 @@ the interrupted epoch matter)."""
 
 import signal
 import subprocess
-import sys
 import time
 
 import nibabel as nib
@@ -12,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import TINY, TINY_UNET, compose_cfg
+from .conftest import compose_cfg
+from .helpers import TINY, TINY_UNET, cli
 
 STEPS = 10
 
 
 def _cmd(dataset, logs, run_dir, *extra):
-    return [
-        sys.executable, "-m", "medseg.train", *TINY, *TINY_UNET,
+    return cli(
+        *TINY, *TINY_UNET,
         f"data.root={dataset}", "++data.synthesize=null", f"data.cache_dir={logs}/cache", "data.cache=none",
         "data.spacing=[2,2,2]", "data.val_fraction=0.25", "data.batch_size=1", "data.num_samples=1",
         "data.patch_size=[32,32,32]",
@@ -27,7 +27,7 @@ def _cmd(dataset, logs, run_dir, *extra):
         "trainer.deterministic=true", "test=false", "+precision=mixed", "precision.plugin.dtype=float16",
         "precision.plugin.scaler.init_scale=16384", "precision.plugin.scaler.growth_interval=2",
         f"paths.log_dir={logs}", f"hydra.run.dir={run_dir}", *extra,
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def _state(ckpt_path):

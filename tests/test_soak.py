@@ -4,14 +4,13 @@ with `ckpt_path=last`; it ends bit-identical to a run never interrupted (weights
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import TINY
+from .helpers import TINY, cli
 
 STEPS = 12  # 6 training cases, batch 1: two epochs
 KILLS = ["step", "write", "step", "write", "step"]
@@ -26,8 +25,8 @@ PRECISIONS = {
 def _cmd(dataset: Path, logs: Path, run_dir: Path, precision: str, *extra: str) -> list[str]:
     """The small synthetic configuration at its smallest: 16^3 patches, a 4-8-16 U-Net, no validation, a
     recovery checkpoint every 2 steps."""
-    return [
-        sys.executable, "-m", "medseg.train", *TINY, *PRECISIONS[precision],
+    return cli(
+        *TINY, *PRECISIONS[precision],
         "model.net.channels=[4,8,16]", "model.net.strides=[2,2]", "model.net.num_res_units=1",
         f"data.root={dataset}", "++data.synthesize=null", "data.cache=memory", "data.spacing=[2,2,2]",
         "data.val_fraction=0.25", "data.batch_size=1", "data.patch_size=[16,16,16]",
@@ -36,7 +35,7 @@ def _cmd(dataset: Path, logs: Path, run_dir: Path, precision: str, *extra: str) 
         "callbacks.precision_monitor=null", "callbacks.lr_monitor=null",
         "callbacks.recovery_checkpoint.train_time_interval=null", "callbacks.recovery_checkpoint.every_n_train_steps=2",
         f"paths.log_dir={logs}", f"hydra.run.dir={run_dir}", *extra,
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def _wait(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> None:
@@ -108,8 +107,12 @@ def _assert_identical(path_a: Path, path_b: Path) -> None:
     for pa, pb in zip(opt_a["state"].values(), opt_b["state"].values(), strict=True):
         for k in pa:
             assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), k
-    if "MixedPrecision" in a and "masters" in a["MixedPrecision"]:  # medseg's plugin: FP32 masters and scaler
-        for ma, mb in zip(a["MixedPrecision"]["masters"][0], b["MixedPrecision"]["masters"][0], strict=True):
+    if (
+        "MasterWeightPrecision" in a and "masters" in a["MasterWeightPrecision"]
+    ):  # medseg's plugin: FP32 masters and scaler
+        for ma, mb in zip(
+            a["MasterWeightPrecision"]["masters"][0], b["MasterWeightPrecision"]["masters"][0], strict=True
+        ):
             assert torch.equal(ma, mb)
-        assert a["MixedPrecision"]["scaler"] == b["MixedPrecision"]["scaler"]
-        assert a["MixedPrecision"]["scaler"]["overflows"] > 0
+        assert a["MasterWeightPrecision"]["scaler"] == b["MasterWeightPrecision"]["scaler"]
+        assert a["MasterWeightPrecision"]["scaler"]["overflows"] > 0
