@@ -33,7 +33,9 @@ def test_batches_depend_only_on_seed_epoch_and_position(datamodule):
     assert not any(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
-def test_restored_loader_serves_the_rest_of_the_epoch(datamodule):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_restored_loader_serves_the_rest_of_the_epoch(datamodule, num_workers, monkeypatch):
+    monkeypatch.setattr(datamodule, "num_workers", num_workers)  # worker processes fetch ahead of the loop
     uninterrupted = _epoch(datamodule.train_dataloader(), 2)
     served = datamodule.train_dataloader()
     served.sampler.set_epoch(2)
