@@ -1,0 +1,1 @@
+"""Prediction outside training: inference precision, fold ensembles, postprocessing, reading and writing cases."""

@@ -1,0 +1,64 @@
+"""Inference precision: which dtype a net runs and stitches in, and where the stitching buffers live.
+
+The net is converted with the training plugin's own `convert_module`, so inference runs exactly the layers the
+plugin runs in the low dtype (norm layers keep FP32 weights and statistics).
+"""
+
+import logging
+
+import torch
+from torch import nn
+
+from medseg.precision.plugin import MixedPrecision
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PLUGIN_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Share of free GPU memory the stitching buffers may take before they go to the CPU (see `stitch_device`).
+GPU_BUFFER_SHARE = 0.25
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """`fp32`, `bf16`, `fp16`, or `auto`: fp16 on CUDA (tensor cores), bf16 elsewhere (FP16 convolutions on CPU
+    are 25-200x slower than FP32; BF16 is the CPU's fast low dtype)."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be fp32, bf16, fp16 or auto, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def convert_net(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`net` in `dtype`, in place: FP32 as is; BF16/FP16 by the training plugin's `convert_module`."""
+    if dtype == torch.float32:
+        return net.float()
+    return MixedPrecision(dtype=_PLUGIN_DTYPES[dtype]).convert_module(net)  # type: ignore[arg-type]
+
+
+def stitch_device(
+    net_device: torch.device,
+    shape: tuple[int, ...],
+    num_classes: int,
+    dtype: torch.dtype,
+    free_bytes: int | None = None,
+) -> torch.device:
+    """Where MONAI's stitching buffers go for an image of spatial `shape`: beside the net, unless the net is on
+    CUDA and the buffers (`num_classes` + 1 channels of `dtype`, times 2 for the softmax'ed copy that mirroring
+    or an ensemble keeps) would take more than `GPU_BUFFER_SHARE` of the free GPU memory; then the CPU.
+
+    MONAI moves each window's output to the buffers' device, so the net still runs on the GPU. `free_bytes`:
+    the free GPU memory (None: asked from CUDA).
+    """
+    if net_device.type != "cuda":
+        return net_device
+    voxels = 1
+    for s in shape:
+        voxels *= int(s)
+    need = 2 * (num_classes + 1) * voxels * torch.empty((), dtype=dtype).element_size()
+    free = torch.cuda.mem_get_info(net_device)[0] if free_bytes is None else free_bytes
+    if need > GPU_BUFFER_SHARE * free:
+        log.info("stitching on the CPU: buffers of %.0f MiB, %.0f MiB free on %s", need / 2**20, free / 2**20,
+                 net_device)  # fmt: skip
+        return torch.device("cpu")
+    return net_device
