@@ -1,0 +1,100 @@
+"""Reading input cases for prediction (in DataLoader workers, so the next cases load while one is predicted) and
+writing outputs atomically.
+
+A case that cannot be read or does not fit the checkpoint comes back as an error line naming the file, never as an
+exception: the other cases of the folder are still predicted.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+PARTIAL = ".partial-"  # prefix of files being written; renamed to their final name once complete
+
+
+@dataclass
+class Case:
+    """One input: its preprocessed data dict (image (C, X, Y, Z) MetaTensor with its transform record), or the
+    one-line reason it cannot be predicted."""
+
+    path: Path
+    data: dict | None = None
+    error: str | None = None
+
+
+def check_header(path: Path, in_channels: int) -> str | None:
+    """Why `path` cannot go through a net taking `in_channels` channels (None when it can), from the header."""
+    try:
+        shape = nib.load(path).shape
+    except Exception as err:  # nibabel raises many types for damaged files
+        return f"{path}: not a readable NIfTI image ({type(err).__name__}: {err})"
+    spatial = shape[:3]
+    if len(shape) < 3 or min(spatial) == 1:
+        return f"{path}: a 2D image (shape {tuple(shape)}); the checkpoint segments 3D volumes"
+    channels = shape[3] if len(shape) == 4 else 1  # MSD layout: (X, Y, Z, C)
+    if len(shape) > 4 or channels != in_channels:
+        return f"{path}: {channels} channel(s) (shape {tuple(shape)}), the checkpoint expects {in_channels}"
+    return None
+
+
+class CaseDataset(Dataset):
+    """`Case`s of `paths`, each checked against the checkpoint's channel count, then preprocessed."""
+
+    def __init__(self, paths: list[Path], preprocess: Callable[[dict], dict], in_channels: int) -> None:
+        self.paths, self.preprocess, self.in_channels = paths, preprocess, in_channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Case:
+        path = self.paths[index]
+        if (error := check_header(path, self.in_channels)) is not None:
+            return Case(path, error=error)
+        try:
+            return Case(path, data=self.preprocess({"image": str(path)}))
+        except Exception as err:  # MONAI wraps the reader's error; its last line says what went wrong
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            return Case(path, error=f"{path}: could not be read and preprocessed ({reason})")
+
+
+def _single(case: Any) -> Any:
+    return case  # batch_size=None hands over one Case at a time, uncollated
+
+
+def case_loader(dataset: CaseDataset, num_workers: int) -> DataLoader:
+    """Cases in order, `num_workers` processes reading and preprocessing ahead (two cases each)."""
+    return DataLoader(dataset, batch_size=None, collate_fn=_single, num_workers=num_workers)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` to a hidden file beside `path` (same suffix), then rename it to `path`: the rename is atomic,
+    so a killed run leaves at most a `.partial-*` file, never a half-written output under its final name."""
+    tmp = path.with_name(f"{PARTIAL}{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_mask(path: Path, mask: np.ndarray, affine: np.ndarray) -> Path:
+    """uint8 mask (X, Y, Z) as NIfTI, atomically."""
+    return write_atomic(path, lambda tmp: nib.save(nib.Nifti1Image(mask, affine), tmp))
+
+
+def save_probs(path: Path, probs: torch.Tensor) -> Path:
+    """Probabilities (C, X, Y, Z) as float16 `probs` in a compressed .npz, atomically (nnU-Net's format)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.savez_compressed(f, probs=probs.to(torch.float16).numpy())
+
+    return write_atomic(path, write)
