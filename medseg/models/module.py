@@ -1,14 +1,18 @@
 """SegmentationModule: a MONAI network, its loss, optimizer and schedule, and sliding-window validation."""
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
+from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
+from medseg.inference import postprocess
+from medseg.inference.precision import convert_net, inference_dtype
 from medseg.models.channels_last import to_channels_last
 from medseg.models.inference import mirror_flips, sliding_window_probs
 
@@ -33,6 +37,11 @@ class SegmentationModule(pl.LightningModule):
         (benchmarks/RESULTS.md).
     compile: `torch.compile` the net (parameter names and checkpoints unchanged).
         Costs 15-30 s at the start; the GPU step is 1.5-1.8x faster (H200, UNet/DynUNet 128^3), the CPU step ~17 %.
+    test_precision: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the test pass converts the net
+        as `medseg.predict precision=` does and stitches in that dtype; None: the training precision.
+
+    The test pass also measures each class's Dice after keep-largest-connected-component and writes which classes
+    it helps beside the tested checkpoint (`medseg.inference.postprocess`), for `medseg.predict`.
     """
 
     def __init__(
@@ -50,6 +59,7 @@ class SegmentationModule(pl.LightningModule):
         channels_last: bool | Literal["auto"] = False,
         compile: bool = False,
         test_mirror_axes: Sequence[int] = (),
+        test_precision: str | None = None,
     ) -> None:
         super().__init__()
         # plain ints before save_hyperparameters: a ListConfig from Hydra would make the checkpoint unloadable
@@ -59,6 +69,8 @@ class SegmentationModule(pl.LightningModule):
             mirror_flips(test_mirror_axes)
         except (TypeError, ValueError) as err:
             raise ValueError(f"test_mirror_axes: {err}") from None
+        if test_precision is not None:
+            inference_dtype(test_precision, torch.device("cpu"))  # a bad name fails here, not after training
         if channels_last not in (True, False, "auto"):
             raise ValueError(f"channels_last: must be true, false or 'auto', got {channels_last!r}")
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
@@ -67,6 +79,12 @@ class SegmentationModule(pl.LightningModule):
         self.label_names = list(label_names)
         self.dice = DiceMetric(include_background=False, reduction="mean_batch")
         self.hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch")
+        self.dice_lcc = DiceMetric(include_background=False, reduction="mean_batch")
+        self.keep_largest = KeepLargestConnectedComponent(
+            applied_labels=list(range(1, len(self.label_names))), is_onehot=True, independent=True
+        )
+        self.test_dtype: torch.dtype | None = None  # set by on_test_start from test_precision
+        self.test_cases = 0  # cases of the current test pass, for the postprocessing record
         self.channels_last = channels_last
         self._compiled_net: nn.Module | None = None
 
@@ -102,8 +120,11 @@ class SegmentationModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
-    def predict_probs(self, image: torch.Tensor, mirror_axes: Sequence[int] = ()) -> torch.Tensor:
-        """Whole-volume class probabilities, float32 (B, C_out, X, Y, Z), by gaussian-blended sliding windows."""
+    def predict_probs(
+        self, image: torch.Tensor, mirror_axes: Sequence[int] = (), dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Whole-volume class probabilities (B, C_out, X, Y, Z), float32 or `dtype` (the net must hold it), by
+        gaussian-blended sliding windows."""
         return sliding_window_probs(
             self,
             image,
@@ -112,19 +133,32 @@ class SegmentationModule(pl.LightningModule):
             overlap=self.hparams.overlap,
             mode=self.hparams.sw_mode,
             mirror_axes=mirror_axes,
+            dtype=dtype,
         )
 
-    def _one_hot_pair(self, batch: dict, mirror_axes: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = self.predict_probs(batch["image"], mirror_axes)
+    def _one_hot_pair(
+        self, batch: dict, mirror_axes: Sequence[int] = (), dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.predict_probs(batch["image"], mirror_axes, dtype)
         n = len(self.label_names)
         return one_hot(probs.argmax(1, keepdim=True), n), one_hot(batch["label"].long(), n)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.dice(*self._one_hot_pair(batch))
 
+    def on_test_start(self) -> None:
+        self.test_cases = 0
+        if self.hparams.test_precision is not None:
+            # in place, after Lightning loaded the tested checkpoint's weights (a `mixed` run's are BF16/FP16 there:
+            # test_precision=fp32 does not bring back its FP32 masters; medseg.predict loads those)
+            self.test_dtype = inference_dtype(self.hparams.test_precision, self.device)
+            convert_net(self.net, self.test_dtype)
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        pred, target = self._one_hot_pair(batch, self.hparams.test_mirror_axes)
+        pred, target = self._one_hot_pair(batch, self.hparams.test_mirror_axes, self.test_dtype)
         self.dice(pred, target)
+        self.dice_lcc(torch.stack([self.keep_largest(p) for p in pred]), target)
+        self.test_cases += pred.shape[0]
         # Validation volumes are at the target spacing, so this makes HD95 millimetres.
         spacing = (self.hparams.inference or {}).get("spacing")
         self.hd95(pred, target, spacing=spacing)
@@ -141,8 +175,13 @@ class SegmentationModule(pl.LightningModule):
         self._log_per_class("val", "dice", self.dice)
 
     def on_test_epoch_end(self) -> None:
-        self._log_per_class("test", "dice", self.dice)
+        dice = self._log_per_class("test", "dice", self.dice)
+        dice_lcc = self._log_per_class("test", "dice_lcc", self.dice_lcc)
         self._log_per_class("test", "hd95", self.hd95)
+        ckpt = self.trainer.ckpt_path
+        if ckpt and self.trainer.is_global_zero:
+            record = postprocess.decide(self.label_names, dice.tolist(), dice_lcc.tolist(), self.test_cases)
+            postprocess.save(record, postprocess.decision_path(Path(ckpt)))
 
     def configure_optimizers(self):
         optimizer = self.optimizer_fn(self.parameters())
