@@ -1,10 +1,15 @@
-"""Inference: `python -m medseg.predict ckpt_path=<ckpt> input=<file or folder> output=<folder>`.
+"""Inference: `python -m medseg.predict ckpt_path=<ckpt, [ckpts] or folder of fold runs> input=<file or folder>
+output=<folder> [precision=auto] [postprocessing=auto]`.
 
 Each input NIfTI gets one uint8 mask of the same name in `output`, with the input's exact shape and affine:
-the preprocessing (orientation, resampling, cropping, padding) is inverted with MONAI's `Invertd`.
+the preprocessing (orientation, resampling, cropping, padding) is inverted with MONAI's `Invertd`. Several
+checkpoints (an ensemble) average their softmax. Cases that cannot be predicted are named, the others predicted,
+and the command exits with status 1 listing them at the end.
 """
 
 import logging
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,21 +21,36 @@ from hydra.utils import instantiate
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 from omegaconf import DictConfig
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medseg import CONF_DIR
-from medseg.checkpoint import fp32_net_state, load_checkpoint
+from medseg.checkpoint import CheckpointError, fp32_net_state, load_checkpoint
 from medseg.data.transforms import preprocess
-from medseg.models.inference import mirror_flips, sliding_window_probs
+from medseg.inference import postprocess
+from medseg.inference.cases import PARTIAL, Case, CaseDataset, case_loader, save_mask, save_probs
+from medseg.inference.ensemble import check_compatible, checkpoint_paths
+from medseg.inference.precision import convert_net, inference_dtype, stitch_device
+from medseg.models.inference import mirror_flips, probs_to_labels, sliding_window_probs
 
 log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class CasesFailed(RuntimeError):
+    """Some cases could not be predicted; the message lists them, one line each. `written`: the masks written."""
+
+    def __init__(self, failures: list[str], written: list[Path]) -> None:
+        super().__init__(f"{len(failures)} case(s) not predicted:\n" + "\n".join(failures))
+        self.failures, self.written = failures, written
 
 
 def list_inputs(input_path: Path) -> list[Path]:
     if input_path.is_file():
         return [input_path]
     if input_path.is_dir():
-        files = sorted(p for p in input_path.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+        files = sorted(
+            p for p in input_path.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(PARTIAL)
+        )
         if not files:
             raise FileNotFoundError(f"input={input_path}: no .nii/.nii.gz files in this folder")
         return files
@@ -46,78 +66,214 @@ def check_output_folder(inputs: list[Path], output: Path) -> None:
             raise ValueError(f"output={output} is inside the input folder {folder}; choose a folder outside it")
 
 
+def probs_name(mask_name: str) -> str:
+    for suffix in NIFTI_SUFFIXES[::-1]:  # .nii.gz before .nii
+        mask_name = mask_name.removesuffix(suffix)
+    return mask_name + ".npz"
+
+
 class Predictor:
-    """A trained network plus the preprocessing it was trained with, from a medseg checkpoint."""
+    """Trained networks (one, or an ensemble averaging their softmax) plus the preprocessing they were trained
+    with, from medseg checkpoints.
+
+    Args:
+        ckpt_path: a checkpoint, a list of them, a run folder or a folder of fold runs
+            (`medseg.inference.ensemble.checkpoint_paths`).
+        device: `cpu`, `cuda[:N]` or `auto` (CUDA when available).
+        precision: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the nets are converted by the
+            training plugin's `convert_module`; windows, stitching buffers and probabilities use that dtype.
+        mirror_axes: spatial axes whose flips are averaged; None: each model as it was tested after training.
+        postprocessing: `auto` (the decision stored beside the checkpoint(s), none if there is none), `none`,
+            or a decision file (`medseg.inference.postprocess`).
+    """
 
     def __init__(
         self,
-        ckpt_path: str,
+        ckpt_path: str | Sequence[str],
         device: str = "auto",
         sw_batch_size: int = 4,
         overlap: float = 0.5,
         allow_unsafe_checkpoint: bool = False,
         mirror_axes: Sequence[int] | None = None,
+        precision: str = "fp32",
+        postprocessing: str = "none",
     ) -> None:
-        ckpt = load_checkpoint(ckpt_path, allow_unsafe=allow_unsafe_checkpoint)
-        info = ckpt["hyper_parameters"]["inference"]
+        self.paths = checkpoint_paths(ckpt_path)
+        ckpts = [load_checkpoint(p, allow_unsafe=allow_unsafe_checkpoint) for p in self.paths]
+        infos = [c["hyper_parameters"]["inference"] for c in ckpts]
+        check_compatible(infos, self.paths)
+        info = infos[0]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.net = instantiate(info["net"])
-        self.net.load_state_dict(fp32_net_state(ckpt))
-        self.net.to(self.device).eval()
-        self.roi_size, self.sw_batch_size, self.overlap = info["patch_size"], sw_batch_size, overlap
-        # None: mirror as the model was tested after training
-        if mirror_axes is None:
-            mirror_axes = ckpt["hyper_parameters"].get("test_mirror_axes", ())
-        self.mirror_axes = list(mirror_axes)
+        self.dtype = inference_dtype(precision, self.device)
+        self.nets, self.mirror_axes = [], []
+        for ckpt, model_info in zip(ckpts, infos, strict=True):
+            net = instantiate(model_info["net"])
+            net.load_state_dict(fp32_net_state(ckpt))  # the FP32 masters of a mixed run, then rounded once
+            self.nets.append(convert_net(net.to(self.device).eval(), self.dtype))
+            # None: mirror as the model was tested after training
+            axes = ckpt["hyper_parameters"].get("test_mirror_axes", ()) if mirror_axes is None else mirror_axes
+            self.mirror_axes.append(list(axes))
         try:
-            mirror_flips(self.mirror_axes)  # before any image is read
+            for axes in self.mirror_axes:
+                mirror_flips(axes)  # before any image is read
         except ValueError as err:
             raise ValueError(f"mirror_axes: {err}") from None
+        self.in_channels = int(info["net"]["in_channels"])
+        self.num_classes = len(info["label_names"])
+        self.rois = [i["patch_size"] for i in infos]
+        self.sw_batch_size, self.overlap = sw_batch_size, overlap
         self.preprocess = preprocess(
             info["spacing"], info["modality"], info["patch_size"], info["ct_window"], with_label=False
         )
         self.invert = Invertd("pred", transform=self.preprocess, orig_keys="image", nearest_interp=True)
+        self.invert_probs = Invertd("probs", transform=self.preprocess, orig_keys="image", nearest_interp=False)
+        self.keep_largest = self._postprocessing(postprocessing, ckpt_path, info["label_names"])
+
+    def _postprocessing(self, choice: str, ckpt_path, label_names: list[str]) -> list[int]:
+        if choice == "none":
+            return []
+        if choice == "auto":
+            folder = Path(ckpt_path) if isinstance(ckpt_path, str) and Path(ckpt_path).is_dir() else None
+            record = postprocess.for_checkpoints(self.paths, folder)
+        else:
+            record = postprocess.load(Path(choice))
+        if record is None:
+            return []
+        if record["label_names"] != list(label_names):
+            raise ValueError(f"postprocessing: decided for labels {record['label_names']}, the model has {label_names}")
+        names = [label_names[i] for i in record["keep_largest"]]
+        log.info("postprocessing: keep the largest component of %s", names or "no class")
+        return record["keep_largest"]
 
     @torch.no_grad()
+    def probs(self, image: torch.Tensor) -> torch.Tensor:
+        """Ensemble-mean class probabilities (1, C, X, Y, Z) in `self.dtype` of a preprocessed image (1, C_in, ...),
+        on the stitching device (`medseg.inference.precision.stitch_device`)."""
+        image = image.to(self.device)
+        buffers = stitch_device(self.device, tuple(image.shape[2:]), self.num_classes, self.dtype)
+        total: torch.Tensor | None = None
+        for net, roi, axes in zip(self.nets, self.rois, self.mirror_axes, strict=True):
+            probs = sliding_window_probs(
+                net, image, roi, self.sw_batch_size, self.overlap, mirror_axes=axes, dtype=self.dtype, device=buffers
+            )
+            total = probs if total is None else total.add_(probs)
+        assert total is not None
+        return total.div_(len(self.nets)) if len(self.nets) > 1 else total
+
     def __call__(self, image_path: Path) -> np.ndarray:
-        """uint8 mask (X, Y, Z) on the input file's own voxel grid."""
-        data = self.preprocess({"image": str(image_path)})
-        image = data["image"].unsqueeze(0).to(self.device)
-        probs = sliding_window_probs(
-            self.net, image, self.roi_size, self.sw_batch_size, self.overlap, mirror_axes=self.mirror_axes
-        )
-        pred = probs.argmax(1, keepdim=True)[0].float().cpu()
-        # The prediction carries the image's record of applied transforms, which Invertd undoes in reverse.
-        data["pred"] = MetaTensor(pred, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
-        data = self.invert(data)
-        return np.asarray(data["pred"][0]).round().astype(np.uint8)
+        """uint8 mask (X, Y, Z) on the input file's own voxel grid, postprocessed."""
+        return self.predict_case(self.preprocess({"image": str(image_path)}))[0]
+
+    def predict_case(self, data: dict, with_probs: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
+        """uint8 mask (X, Y, Z) on the input file's own voxel grid for a preprocessed case, postprocessed; with
+        `with_probs` also its float16 probabilities (C, X, Y, Z) on that grid."""
+        image = data["image"]
+        probs = self.probs(image.unsqueeze(0))
+        labels = probs_to_labels(probs)[0].cpu()
+        # The outputs carry the image's record of applied transforms, which Invertd undoes in reverse.
+        data["pred"] = MetaTensor(labels.float(), meta=image.meta, applied_operations=image.applied_operations)
+        pred = self.invert(data)["pred"]
+        mask = np.asarray(postprocess.keep_largest(pred, self.keep_largest)[0]).round().astype(np.uint8)
+        if not with_probs:
+            return mask, None
+        data["probs"] = MetaTensor(probs[0].float().cpu(), meta=image.meta, applied_operations=image.applied_operations)
+        return mask, self.invert_probs(data)["probs"].as_tensor().to(torch.float16)
+
+
+def pending(inputs: list[Path], output: Path, overwrite: bool, with_probs: bool) -> tuple[list[Path], int]:
+    """The inputs whose outputs are still to be written (all with `overwrite`), and how many were skipped."""
+    if overwrite:
+        return inputs, 0
+    todo = [
+        p
+        for p in inputs
+        if not (output / p.name).is_file() or (with_probs and not (output / probs_name(p.name)).is_file())
+    ]
+    return todo, len(inputs) - len(todo)
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("predict"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("cases"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
 
 
 def predict(cfg: DictConfig) -> list[Path]:
+    """Predict every input case; returns the masks written. Raises CasesFailed at the end if some cases could not
+    be predicted (after predicting all the others)."""
     inputs = list_inputs(Path(cfg.input))
     output = Path(cfg.output)
     check_output_folder(inputs, output)
     predictor = Predictor(
-        cfg.ckpt_path, cfg.device, cfg.sw_batch_size, cfg.overlap, cfg.allow_unsafe_checkpoint, cfg.mirror_axes
+        cfg.ckpt_path,
+        cfg.device,
+        cfg.sw_batch_size,
+        cfg.overlap,
+        cfg.allow_unsafe_checkpoint,
+        cfg.mirror_axes,
+        cfg.precision,
+        cfg.postprocessing,
     )
+    todo, skipped = pending(inputs, output, cfg.overwrite, cfg.save_probs)
+    if skipped:
+        log.info("%d case(s) already predicted in %s, skipped (overwrite=true predicts them again)", skipped, output)
     output.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in inputs:
-        mask = predictor(path)
-        source = nib.load(path)
-        out = output / path.name
-        nib.save(nib.Nifti1Image(mask, source.affine), out)
-        log.info("%s -> %s %s", path, out, mask.shape)
-        written.append(out)
-    print(f"wrote {len(written)} mask(s) to {output}")
+    written: list[Path] = []
+    failures: list[str] = []
+    start = time.perf_counter()
+    loader = case_loader(CaseDataset(todo, predictor.preprocess, predictor.in_channels), cfg.num_workers)
+    with progress_bar(cfg.progress) as bar:
+        task = bar.add_task("predict", total=len(todo))
+        for case in loader:
+            if (error := _predict_case(predictor, case, output, cfg.save_probs, written)) is not None:
+                failures.append(error)
+                log.error(error)
+            bar.advance(task)
+    seconds = time.perf_counter() - start
+    print(f"wrote {len(written)} mask(s) to {output} in {seconds:.1f} s; {skipped} skipped, {len(failures)} failed")
+    if failures:
+        raise CasesFailed(failures, written)
     return written
+
+
+def _predict_case(predictor: Predictor, case: Case, output: Path, with_probs: bool, written: list[Path]) -> str | None:
+    """Predict and write one case; the error line if it could not be."""
+    if case.error is not None:
+        return case.error
+    assert case.data is not None
+    try:
+        mask, probs = predictor.predict_case(case.data, with_probs)
+        affine = nib.load(case.path).affine
+        out = save_mask(output / case.path.name, mask, affine)
+        if probs is not None:
+            save_probs(output / probs_name(case.path.name), probs)
+    except (RuntimeError, ValueError, OSError) as err:
+        return f"{case.path}: prediction failed ({type(err).__name__}: {str(err).strip().splitlines()[0]})"
+    log.info("%s -> %s %s", case.path, out, mask.shape)
+    written.append(out)
+    return None
+
+
+# Errors about the user's input or the cases, reported in one line (or one line per case) without a traceback.
+INPUT_ERRORS = (CheckpointError, CasesFailed, FileNotFoundError, ValueError)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
-    predict(cfg)
+    try:
+        predict(cfg)
+    except INPUT_ERRORS as error:
+        print(f"medseg: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

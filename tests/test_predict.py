@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from monai.inferers import sliding_window_inference
-from omegaconf import OmegaConf
 
 from medseg.evaluate import evaluate
 from medseg.models.inference import mirror_flips, sliding_window_probs
@@ -28,13 +27,21 @@ def checkpoint(tiny_dataset, tmp_path_factory):
             "++data.synthesize=null",
             f"data.cache_dir={tmp / 'cache'}",
             "trainer.max_epochs=1",
-            "test=false",
             "+precision=mixed",
         ],
         tmp / "run",
     )
-    train(cfg)
-    return tmp / "run" / "checkpoints" / "last.ckpt"
+    train(cfg)  # its test pass writes the postprocessing decision beside the best checkpoint
+    [best] = [p for p in (tmp / "run" / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    return best
+
+
+def predict_cfg(checkpoint, input, output, *overrides: str):
+    """The real conf/predict.yaml for a CPU run without progress bar or worker processes, plus `overrides`."""
+    ckpt = f"[{','.join(map(str, checkpoint))}]" if isinstance(checkpoint, list) else str(checkpoint)
+    base = [f"ckpt_path={ckpt}", f"input={input}", f"output={output}", "device=cpu", "sw_batch_size=2"]
+    cfg = compose_cfg([*base, "overlap=0.25", "progress=false", "num_workers=0", *overrides], output, "predict")
+    return cfg
 
 
 def _odd_input(folder, shape=(30, 26, 22)):
@@ -53,19 +60,8 @@ def _odd_input(folder, shape=(30, 26, 22)):
 
 def test_predict_mask_has_input_shape_and_affine(checkpoint, tmp_path):
     src = _odd_input(tmp_path / "in")
-    cfg = OmegaConf.create(
-        {
-            "ckpt_path": str(checkpoint),
-            "input": str(tmp_path / "in"),
-            "output": str(tmp_path / "out"),
-            "device": "cpu",
-            "sw_batch_size": 2,
-            "overlap": 0.25,
-            "allow_unsafe_checkpoint": False,
-            "mirror_axes": [0, 1, 2],  # the 8 mirrored passes must invert exactly like one
-        }
-    )
-    [written] = predict(cfg)
+    # the 8 mirrored passes must invert exactly like one
+    [written] = predict(predict_cfg(checkpoint, tmp_path / "in", tmp_path / "out", "mirror_axes=[0,1,2]"))
     mask, image = nib.load(written), nib.load(src)
     assert mask.shape == image.shape
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-6)
@@ -75,11 +71,7 @@ def test_predict_mask_has_input_shape_and_affine(checkpoint, tmp_path):
 
 def test_predict_refuses_bad_mirror_axes_before_writing(checkpoint, tmp_path):
     _odd_input(tmp_path / "in")
-    cfg = OmegaConf.create(
-        {"ckpt_path": str(checkpoint), "input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
-         "device": "cpu", "sw_batch_size": 2, "overlap": 0.25, "allow_unsafe_checkpoint": False,
-         "mirror_axes": [0, 4]}
-    )  # fmt: skip
+    cfg = predict_cfg(checkpoint, tmp_path / "in", tmp_path / "out", "mirror_axes=[0,4]")
     with pytest.raises(ValueError, match=r"mirror_axes: must list spatial axes 0, 1 or 2, got \[0, 4\]"):
         predict(cfg)
     assert not (tmp_path / "out").exists()
@@ -89,17 +81,7 @@ def test_predict_refuses_bad_mirror_axes_before_writing(checkpoint, tmp_path):
 def test_predict_refuses_output_in_input_folder(checkpoint, tmp_path, where):
     src = _odd_input(tmp_path / "in")
     out = tmp_path / "in" if where == "same" else tmp_path / "in" / "masks"
-    cfg = OmegaConf.create(
-        {
-            "ckpt_path": str(checkpoint),
-            "input": str(src),
-            "output": str(out),
-            "device": "cpu",
-            "sw_batch_size": 2,
-            "overlap": 0.25,
-            "allow_unsafe_checkpoint": False,
-        }
-    )
+    cfg = predict_cfg(checkpoint, src, out)
     before = src.read_bytes()
     with pytest.raises(ValueError, match="inside the input folder"):
         predict(cfg)
