@@ -1,17 +1,28 @@
 """Inference round trip and scoring: masks on the input's own grid; evaluate against hand-computed Dice."""
 
 import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import lightning.pytorch as pl
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from monai.inferers import sliding_window_inference
 
+from medseg.checkpoint import CheckpointError
+from medseg.config_check import ConfigError
 from medseg.evaluate import evaluate
+from medseg.inference import postprocess
+from medseg.inference.cases import save_mask, write_atomic
+from medseg.inference.precision import stitch_device
 from medseg.models.inference import mirror_flips, sliding_window_probs
-from medseg.predict import predict
-from medseg.train import train
+from medseg.predict import CasesFailed, Predictor, predict
+from medseg.train import build_model, train
 
 from .conftest import TINY, TINY_UNET, compose_cfg
 
@@ -137,3 +148,200 @@ def test_mirrored_prediction_averages_flipped_passes():
     assert len(mirror_flips([0, 1, 2])) == 8 and mirror_flips([]) == [()]
     with pytest.raises(ValueError, match="spatial axes"):
         mirror_flips([3])
+
+
+def _folder(folder, n=2, shapes=((30, 26, 22), (34, 30, 24))):
+    """`n` synthetic cases (different shapes and contents) as case<i>.nii.gz in `folder`."""
+    from medseg.data.synthetic import make_case
+
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image, _ = make_case(rng, shapes[i % len(shapes)])
+        nib.save(nib.Nifti1Image(image, np.diag([1.1, 0.9, 1.2, 1.0])), folder / f"case{i}.nii.gz")
+    return folder
+
+
+def test_low_precision_net_keeps_norms_fp32_and_agrees_with_fp32(checkpoint, tmp_path):
+    """bf16: convs converted as the training plugin does (norms FP32), probabilities in bf16; masks nearly equal."""
+    fp32, bf16 = (
+        Predictor(str(checkpoint), "cpu", precision="fp32"),
+        Predictor(str(checkpoint), "cpu", precision="bf16"),
+    )
+    net = bf16.nets[0]
+    assert {p.dtype for n, p in net.named_parameters() if n.endswith("conv.weight")} == {torch.bfloat16}
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    assert norms and all(b.dtype == torch.float32 for m in norms for b in m.parameters())
+    data = fp32.preprocess({"image": str(_odd_input(tmp_path / "in"))})
+    p32, p16 = fp32.probs(data["image"].unsqueeze(0)), bf16.probs(data["image"].unsqueeze(0))
+    assert p32.dtype == torch.float32 and p16.dtype == torch.bfloat16
+    assert not torch.equal(p32, p16.float())  # really another computation
+    agree = (p32.argmax(1) == p16.argmax(1)).float().mean().item()
+    assert agree > 0.99, agree
+
+
+def test_ensemble_averages_softmax_of_its_models(checkpoint, tmp_path):
+    """Two checkpoints: the ensemble's probabilities are the mean of each model's; a list and a folder of runs
+    name the same checkpoints."""
+    other = tmp_path / "other"  # the same weights, perturbed: another model with the same preprocessing
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    torch.manual_seed(0)
+    for name, masters in zip(ckpt["MixedPrecision"]["names"][0], ckpt["MixedPrecision"]["masters"][0], strict=True):
+        if name.endswith("conv.weight"):
+            masters.add_(0.2 * masters.std() * torch.randn_like(masters))
+    (other / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, other / "checkpoints" / "epoch000-dice0.5000.ckpt")
+    image = Predictor(str(checkpoint), "cpu").preprocess({"image": str(_odd_input(tmp_path / "in"))})["image"][None]
+    single = [Predictor(str(p), "cpu", precision="fp32").probs(image) for p in (checkpoint, other)]
+    assert not torch.allclose(single[0], single[1], atol=1e-2)
+    both = Predictor([str(checkpoint), str(other)], "cpu", precision="fp32")
+    torch.testing.assert_close(both.probs(image), (single[0] + single[1]) / 2)
+
+    runs = tmp_path / "runs"  # a multirun-like folder: <runs>/0, <runs>/1
+    runs.mkdir()
+    (runs / "0").symlink_to(checkpoint.parent.parent)
+    (runs / "1").symlink_to(other)
+    assert Predictor(str(runs), "cpu").paths == [runs / "0" / "checkpoints" / checkpoint.name,
+                                                 runs / "1" / "checkpoints" / "epoch000-dice0.5000.ckpt"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "value"), [("spacing", [3.0, 2.5, 0.7]), ("label_names", ["bg", "a", "b"])])
+def test_ensemble_refuses_checkpoints_that_differ(checkpoint, tmp_path, key, value):
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["inference"][key] = value
+    torch.save(ckpt, tmp_path / "b.ckpt")
+    _odd_input(tmp_path / "in")
+    cfg = predict_cfg([checkpoint, tmp_path / "b.ckpt"], tmp_path / "in", tmp_path / "out")
+    with pytest.raises(CheckpointError) as err:
+        predict(cfg)
+    message = str(err.value)
+    assert "\n" not in message and str(checkpoint) in message and str(tmp_path / "b.ckpt") in message
+    assert f"differ in {key}" in message and not (tmp_path / "out").exists()
+
+
+def test_test_pass_decides_postprocessing_beside_checkpoint(checkpoint):
+    record = postprocess.load(postprocess.decision_path(checkpoint))
+    assert record["cases"] == 2 and record["label_names"] == ["background", "organ", "tumour"]
+    dice = {n: (c["dice"], c["dice_lcc"]) for n, c in record["classes"].items()}
+    assert record["keep_largest"] == [i for i, n in enumerate(record["label_names"]) if i and dice[n][1] > dice[n][0]]
+
+
+def test_postprocessing_decision_and_fold_combination():
+    names = ["bg", "a", "b"]
+    one = postprocess.decide(names, [0.80, 0.50], [0.82, 0.49], cases=10)
+    assert one["keep_largest"] == [1]
+    # fold 2 (30 cases) loses more on class a than fold 1 gains; class b has no cases in fold 2
+    two = postprocess.decide(names, [0.70, float("nan")], [0.69, float("nan")], cases=30)
+    both = postprocess.combine([one, two])
+    assert both["cases"] == 40 and both["keep_largest"] == []
+    assert both["classes"]["a"]["dice"] == pytest.approx((10 * 0.80 + 30 * 0.70) / 40)
+    assert both["classes"]["b"]["dice_lcc"] == pytest.approx(0.49)
+
+
+def test_predict_applies_stored_postprocessing(checkpoint, tmp_path):
+    """keep_largest for both classes leaves one connected component per class, and only removes voxels."""
+    from scipy import ndimage
+
+    _odd_input(tmp_path / "in")
+    decision = postprocess.save(
+        postprocess.decide(["background", "organ", "tumour"], [0.5, 0.5], [0.6, 0.6], 2), tmp_path / "pp.json"
+    )
+    [plain] = predict(predict_cfg(checkpoint, tmp_path / "in", tmp_path / "plain", "postprocessing=none"))
+    [kept] = predict(predict_cfg(checkpoint, tmp_path / "in", tmp_path / "kept", f"postprocessing={decision}"))
+    plain, kept = np.asarray(nib.load(plain).dataobj), np.asarray(nib.load(kept).dataobj)
+    components = {c: ndimage.label(plain == c, np.ones((3, 3, 3)))[1] for c in (1, 2)}
+    assert max(components.values()) > 1  # an untrained net leaves specks: something to remove
+    for c in (1, 2):
+        assert ndimage.label(kept == c, np.ones((3, 3, 3)))[1] <= 1
+    assert np.all((kept == plain) | (kept == 0))
+
+
+def test_folder_with_workers_skips_existing_and_saves_probs(checkpoint, tmp_path):
+    _folder(tmp_path / "in", n=3)
+    out = tmp_path / "out"
+    cfg = predict_cfg(
+        checkpoint, tmp_path / "in", out, "num_workers=2", "save_probs=true", "progress=true", "postprocessing=none"
+    )
+    written = predict(cfg)
+    assert [p.name for p in written] == ["case0.nii.gz", "case1.nii.gz", "case2.nii.gz"]
+    mask = nib.load(out / "case1.nii.gz")
+    probs = np.load(out / "case1.npz")["probs"]
+    assert probs.dtype == np.float16 and probs.shape == (3, *mask.shape)
+    np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=0.02)
+    # the same grid as the mask: where the (barely trained) net is confident, its argmax is the mask; bilinear vs
+    # nearest inversion may differ where classes are near-tied
+    confident = probs.max(0) > 0.6
+    assert confident.mean() > 0.1 and (probs.argmax(0) == np.asarray(mask.dataobj))[confident].mean() > 0.95
+    assert not list(out.glob(".partial-*"))
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / "case2.npz").unlink()  # the only output missing: only case2 is predicted again
+    assert [p.name for p in predict(cfg)] == ["case2.nii.gz"]
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in out.iterdir() if not p.name.startswith("case2"))
+    assert len(predict(predict_cfg(checkpoint, tmp_path / "in", out, "overwrite=true"))) == 3
+
+
+def test_atomic_write_leaves_nothing_under_the_final_name(tmp_path):
+    final = tmp_path / "case.nii.gz"
+
+    def dies_halfway(tmp):
+        tmp.write_bytes(b"half a mask")
+        raise KeyboardInterrupt  # as a killed run would stop
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(final, dies_halfway)
+    assert not final.exists() and not list(tmp_path.iterdir())
+    save_mask(final, np.ones((4, 4, 4), np.uint8), np.eye(4))
+    assert np.asarray(nib.load(final).dataobj).sum() == 64 and [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+def test_bad_cases_are_named_and_the_others_predicted(checkpoint, tmp_path):
+    """A 2-channel image, a 2D image and a damaged file each get one line; the good cases are still written, and
+    the command exits 1 listing the three."""
+    folder = _folder(tmp_path / "in", n=2)
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 20, 2), np.float32), np.eye(4)), folder / "two_channels.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((20, 20), np.float32), np.eye(4)), folder / "flat.nii.gz")
+    (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(CasesFailed) as err:
+        predict(predict_cfg(checkpoint, folder, tmp_path / "out", "num_workers=1"))
+    failures = err.value.failures
+    assert len(failures) == 3 and all("\n" not in f for f in failures)
+    by_file = {Path(f.split(":")[0]).name: f for f in failures}
+    assert "2 channel(s)" in by_file["two_channels.nii.gz"] and "expects 1" in by_file["two_channels.nii.gz"]
+    assert "2D image" in by_file["flat.nii.gz"] and "not a readable NIfTI" in by_file["broken.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+
+    run = subprocess.run(
+        [sys.executable, "-m", "medseg.predict", f"ckpt_path={checkpoint}", f"input={folder}",
+         f"output={tmp_path / 'cli'}", "device=cpu", "overlap=0.25", "progress=false", "num_workers=0",
+         f"hydra.run.dir={tmp_path / 'hydra'}"],
+        capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "3 case(s) not predicted" in run.stderr
+    for name in ("two_channels.nii.gz", "flat.nii.gz", "broken.nii.gz"):
+        assert name in run.stderr
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+
+
+def test_stitch_device_rule():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert stitch_device(cpu, (512, 512, 256), 3, torch.float16) == cpu
+    need = 2 * 4 * 512 * 512 * 256 * 2  # (3 classes + 1) channels, twice, of fp16
+    assert stitch_device(cuda, (512, 512, 256), 3, torch.float16, free_bytes=4 * need + 1) == cuda
+    assert stitch_device(cuda, (512, 512, 256), 3, torch.float16, free_bytes=4 * need - 1) == cpu
+    assert stitch_device(cuda, (512, 512, 256), 3, torch.float32, free_bytes=4 * need + 1) == cpu  # twice the bytes
+
+
+def test_test_precision_converts_the_net_for_the_test_pass(tiny_cfg):
+    cfg = tiny_cfg("trainer.max_epochs=1", "model.test_precision=bf16")
+    model = build_model(cfg, instantiate(cfg.data))
+    datamodule = instantiate(cfg.data)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.test(model, datamodule=datamodule)
+    convs = [m.weight.dtype for m in model.net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and set(convs) == {torch.bfloat16}
+    assert 0.0 <= trainer.callback_metrics["test/dice"] <= 1.0
+    assert {"test/dice_lcc/organ", "test/dice_lcc/tumour"} <= set(trainer.callback_metrics)
+    with pytest.raises(ConfigError, match="model.test_precision must be fp32, bf16, fp16 or auto"):
+        build_model(tiny_cfg("model.test_precision=half"), datamodule)

@@ -27,13 +27,12 @@ def best_checkpoint(run_dir: Path) -> Path:
 
 
 def checkpoint_paths(ckpt_path: str | Sequence[str]) -> list[Path]:
-    """The checkpoint files behind `ckpt_path`: one file, a list of files, a run folder (its best checkpoint), or
-    a folder of fold runs (e.g. a multirun folder: the best checkpoint of every subfolder holding checkpoints/)."""
+    """The checkpoint files behind `ckpt_path`: one file, a run folder (its best checkpoint), a folder of fold
+    runs (e.g. a multirun folder: the best checkpoint of every subfolder holding checkpoints/), or a list of these."""
     if not isinstance(ckpt_path, str):
-        paths = [Path(p) for p in ckpt_path]
-        if not paths:
+        if not ckpt_path:
             raise CheckpointError("ckpt_path: an empty list")
-        return paths
+        return [p for item in ckpt_path for p in checkpoint_paths(str(item))]
     path = Path(ckpt_path)
     if not path.is_dir():
         return [path]  # a file; load_checkpoint names it if it is missing

@@ -70,7 +70,10 @@ class SegmentationModule(pl.LightningModule):
         except (TypeError, ValueError) as err:
             raise ValueError(f"test_mirror_axes: {err}") from None
         if test_precision is not None:
-            inference_dtype(test_precision, torch.device("cpu"))  # a bad name fails here, not after training
+            try:  # a bad name fails here, not after training
+                inference_dtype(test_precision, torch.device("cpu"))
+            except ValueError as err:
+                raise ValueError(f"test_{err}") from None
         if channels_last not in (True, False, "auto"):
             raise ValueError(f"channels_last: must be true, false or 'auto', got {channels_last!r}")
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
