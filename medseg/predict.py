@@ -1,5 +1,5 @@
 """Inference: `python -m medseg.predict ckpt_path=<ckpt, [ckpts] or folder of fold runs> input=<file or folder>
-output=<folder> [precision=auto] [postprocessing=auto]`.
+output=<folder> [dtype=auto] [postprocessing=auto]`.
 
 Each input NIfTI gets one uint8 mask of the same name in `output`, with the input's exact shape and affine:
 the preprocessing (orientation, resampling, cropping, padding) is inverted with MONAI's `Invertd`. Several
@@ -80,7 +80,7 @@ class Predictor:
         ckpt_path: a checkpoint, a list of them, a run folder or a folder of fold runs
             (`medseg.inference.ensemble.checkpoint_paths`).
         device: `cpu`, `cuda[:N]` or `auto` (CUDA when available).
-        precision: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the nets are converted by the
+        dtype: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the nets are converted by the
             training plugin's `convert_module`; windows, stitching buffers and probabilities use that dtype.
         mirror_axes: spatial axes whose flips are averaged; None: each model as it was tested after training.
         postprocessing: `auto` (the decision stored beside the checkpoint(s), none if there is none), `none`,
@@ -95,7 +95,7 @@ class Predictor:
         overlap: float = 0.5,
         allow_unsafe_checkpoint: bool = False,
         mirror_axes: Sequence[int] | None = None,
-        precision: str = "fp32",
+        dtype: str = "fp32",
         postprocessing: str = "none",
     ) -> None:
         self.paths = checkpoint_paths(ckpt_path)
@@ -106,7 +106,7 @@ class Predictor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.dtype = inference_dtype(precision, self.device)
+        self.dtype = inference_dtype(dtype, self.device)
         self.nets, self.mirror_axes = [], []
         for ckpt, model_info in zip(ckpts, infos, strict=True):
             net = instantiate(model_info["net"])
@@ -220,7 +220,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         cfg.overlap,
         cfg.allow_unsafe_checkpoint,
         cfg.mirror_axes,
-        cfg.precision,
+        cfg.dtype,
         cfg.postprocessing,
     )
     todo, skipped = pending(inputs, output, cfg.overwrite, cfg.save_probs)

@@ -165,8 +165,8 @@ def _folder(folder, n=2, shapes=((30, 26, 22), (34, 30, 24))):
 def test_low_precision_net_keeps_norms_fp32_and_agrees_with_fp32(checkpoint, tmp_path):
     """bf16: convs converted as the training plugin does (norms FP32), probabilities in bf16; masks nearly equal."""
     fp32, bf16 = (
-        Predictor(str(checkpoint), "cpu", precision="fp32"),
-        Predictor(str(checkpoint), "cpu", precision="bf16"),
+        Predictor(str(checkpoint), "cpu", dtype="fp32"),
+        Predictor(str(checkpoint), "cpu", dtype="bf16"),
     )
     net = bf16.nets[0]
     assert {p.dtype for n, p in net.named_parameters() if n.endswith("conv.weight")} == {torch.bfloat16}
@@ -192,9 +192,9 @@ def test_ensemble_averages_softmax_of_its_models(checkpoint, tmp_path):
     (other / "checkpoints").mkdir(parents=True)
     torch.save(ckpt, other / "checkpoints" / "epoch000-dice0.5000.ckpt")
     image = Predictor(str(checkpoint), "cpu").preprocess({"image": str(_odd_input(tmp_path / "in"))})["image"][None]
-    single = [Predictor(str(p), "cpu", precision="fp32").probs(image) for p in (checkpoint, other)]
+    single = [Predictor(str(p), "cpu", dtype="fp32").probs(image) for p in (checkpoint, other)]
     assert not torch.allclose(single[0], single[1], atol=1e-2)
-    both = Predictor([str(checkpoint), str(other)], "cpu", precision="fp32")
+    both = Predictor([str(checkpoint), str(other)], "cpu", dtype="fp32")
     torch.testing.assert_close(both.probs(image), (single[0] + single[1]) / 2)
 
     runs = tmp_path / "runs"  # a multirun-like folder: <runs>/0, <runs>/1
@@ -333,8 +333,8 @@ def test_stitch_device_rule():
     assert stitch_device(cuda, (512, 512, 256), 3, torch.float32, free_bytes=4 * need + 1) == cpu  # twice the bytes
 
 
-def test_test_precision_converts_the_net_for_the_test_pass(tiny_cfg):
-    cfg = tiny_cfg("trainer.max_epochs=1", "model.test_precision=bf16")
+def test_test_dtype_converts_the_net_for_the_test_pass(tiny_cfg):
+    cfg = tiny_cfg("trainer.max_epochs=1", "model.test_dtype=bf16")
     model = build_model(cfg, instantiate(cfg.data))
     datamodule = instantiate(cfg.data)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
@@ -343,5 +343,5 @@ def test_test_precision_converts_the_net_for_the_test_pass(tiny_cfg):
     assert convs and set(convs) == {torch.bfloat16}
     assert 0.0 <= trainer.callback_metrics["test/dice"] <= 1.0
     assert {"test/dice_lcc/organ", "test/dice_lcc/tumour"} <= set(trainer.callback_metrics)
-    with pytest.raises(ConfigError, match="model.test_precision must be fp32, bf16, fp16 or auto"):
-        build_model(tiny_cfg("model.test_precision=half"), datamodule)
+    with pytest.raises(ConfigError, match="model.test_dtype must be fp32, bf16, fp16 or auto"):
+        build_model(tiny_cfg("model.test_dtype=half"), datamodule)

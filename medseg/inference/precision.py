@@ -19,14 +19,14 @@ _PLUGIN_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 GPU_BUFFER_SHARE = 0.25
 
 
-def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     """`fp32`, `bf16`, `fp16`, or `auto`: fp16 on CUDA (tensor cores), bf16 elsewhere (FP16 convolutions on CPU
     are 25-200x slower than FP32; BF16 is the CPU's fast low dtype)."""
-    if precision == "auto":
+    if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.bfloat16
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be fp32, bf16, fp16 or auto, got {precision!r}")
-    return PRECISIONS[precision]
+    if name not in PRECISIONS:
+        raise ValueError(f"dtype must be fp32, bf16, fp16 or auto, got {name!r}")
+    return PRECISIONS[name]
 
 
 def convert_net(net: nn.Module, dtype: torch.dtype) -> nn.Module:

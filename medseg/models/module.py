@@ -37,8 +37,8 @@ class SegmentationModule(pl.LightningModule):
         (benchmarks/RESULTS.md).
     compile: `torch.compile` the net (parameter names and checkpoints unchanged).
         Costs 15-30 s at the start; the GPU step is 1.5-1.8x faster (H200, UNet/DynUNet 128^3), the CPU step ~17 %.
-    test_precision: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the test pass converts the net
-        as `medseg.predict precision=` does and stitches in that dtype; None: the training precision.
+    test_dtype: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the test pass converts the net
+        as `medseg.predict dtype=` does and stitches in that dtype; None: the training precision.
 
     The test pass also measures each class's Dice after keep-largest-connected-component and writes which classes
     it helps beside the tested checkpoint (`medseg.inference.postprocess`), for `medseg.predict`.
@@ -59,7 +59,7 @@ class SegmentationModule(pl.LightningModule):
         channels_last: bool | Literal["auto"] = False,
         compile: bool = False,
         test_mirror_axes: Sequence[int] = (),
-        test_precision: str | None = None,
+        test_dtype: str | None = None,
     ) -> None:
         super().__init__()
         # plain ints before save_hyperparameters: a ListConfig from Hydra would make the checkpoint unloadable
@@ -69,9 +69,9 @@ class SegmentationModule(pl.LightningModule):
             mirror_flips(test_mirror_axes)
         except (TypeError, ValueError) as err:
             raise ValueError(f"test_mirror_axes: {err}") from None
-        if test_precision is not None:
+        if test_dtype is not None:
             try:  # a bad name fails here, not after training
-                inference_dtype(test_precision, torch.device("cpu"))
+                inference_dtype(test_dtype, torch.device("cpu"))
             except ValueError as err:
                 raise ValueError(f"test_{err}") from None
         if channels_last not in (True, False, "auto"):
@@ -86,7 +86,7 @@ class SegmentationModule(pl.LightningModule):
         self.keep_largest = KeepLargestConnectedComponent(
             applied_labels=list(range(1, len(self.label_names))), is_onehot=True, independent=True
         )
-        self.test_dtype: torch.dtype | None = None  # set by on_test_start from test_precision
+        self.test_torch_dtype: torch.dtype | None = None  # set by on_test_start from test_dtype
         self.test_cases = 0  # cases of the current test pass, for the postprocessing record
         self.channels_last = channels_last
         self._compiled_net: nn.Module | None = None
@@ -151,14 +151,14 @@ class SegmentationModule(pl.LightningModule):
 
     def on_test_start(self) -> None:
         self.test_cases = 0
-        if self.hparams.test_precision is not None:
+        if self.hparams.test_dtype is not None:
             # in place, after Lightning loaded the tested checkpoint's weights (a `mixed` run's are BF16/FP16 there:
-            # test_precision=fp32 does not bring back its FP32 masters; medseg.predict loads those)
-            self.test_dtype = inference_dtype(self.hparams.test_precision, self.device)
-            convert_net(self.net, self.test_dtype)
+            # test_dtype=fp32 does not bring back its FP32 masters; medseg.predict loads those)
+            self.test_torch_dtype = inference_dtype(self.hparams.test_dtype, self.device)
+            convert_net(self.net, self.test_torch_dtype)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        pred, target = self._one_hot_pair(batch, self.hparams.test_mirror_axes, self.test_dtype)
+        pred, target = self._one_hot_pair(batch, self.hparams.test_mirror_axes, self.test_torch_dtype)
         self.dice(pred, target)
         self.dice_lcc(torch.stack([self.keep_largest(p) for p in pred]), target)
         self.test_cases += pred.shape[0]
