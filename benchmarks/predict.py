@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg.tracking.tables import markdown_table
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -148,12 +150,12 @@ def sizes(args: argparse.Namespace) -> list[dict]:
         rows.append(row)
     print(f"\n{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; overlap {args.overlap}, "
           f"sw_batch {args.sw_batch}, device {args.device}; min of {args.repeat} interleaved runs\n")  # fmt: skip
-    print("| volume | ROI | mode | s/case (min) | all runs s | fp32 s / s | peak MiB | peak / fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        speedup, mem = r.get("speedup", float("nan")), r.get("mem_ratio", float("nan"))
-        print(f"| {r['size']} | {r['roi']} | {r['mode']} | {r['seconds']:.2f} | {r['seconds_all']} | {speedup:.2f} | "
-              f"{r['peak_mib']:.0f} | {mem:.2f} |")  # fmt: skip
+    print(markdown_table([
+        {"volume": r["size"], "ROI": r["roi"], "mode": r["mode"], "s/case (min)": r["seconds"],
+         "all runs s": str(r["seconds_all"]), "fp32 s / s": r.get("speedup"), "peak MiB": r["peak_mib"],
+         "peak / fp32": r.get("mem_ratio")}
+        for r in rows
+    ]))  # fmt: skip
     return rows
 
 
@@ -202,12 +204,12 @@ def folder(args: argparse.Namespace) -> list[dict]:
                     times.setdefault((mode, workers), []).append(seconds)
                     print(f"  repeat {rep} {mode} workers={workers}: {seconds:.1f} s", file=sys.stderr, flush=True)
     print(f"\n{cpu_name()}; {len(images)} cases of {args.images}; checkpoint {args.ckpt}; min of {args.repeat}\n")
-    print("| precision | workers | s (min) | all runs s | cases/s |")
-    print("|---|---|---|---|---|")
-    rows = []
-    for (mode, workers), ts in times.items():
-        rows.append({"mode": mode, "workers": workers, "seconds": min(ts), "cases_per_s": len(images) / min(ts)})
-        print(f"| {mode} | {workers} | {min(ts):.1f} | {[round(t, 1) for t in ts]} | {len(images) / min(ts):.2f} |")
+    rows = [
+        {"dtype": mode, "workers": workers, "s (min)": min(ts), "all runs s": str([round(t, 1) for t in ts]),
+         "cases/s": len(images) / min(ts)}
+        for (mode, workers), ts in times.items()
+    ]  # fmt: skip
+    print(markdown_table(rows))
     return rows
 
 
@@ -248,14 +250,14 @@ def dice(args: argparse.Namespace) -> dict:
             result[mode]["_masks"] = masks
     ref = result[args.modes[0]]
     print(f"\n{cpu_name()}; {len(items)} validation cases of {run}; checkpoint {ckpt.name}; mirroring as tested\n")
-    print("| precision | mean Dice | " + " | ".join(names[1:]) + " | - fp32 (mean) | voxels differing from fp32 |")
-    print("|---|---|" + "---|" * len(names[1:]) + "---|---|")
+    rows = []
     for mode in args.modes:
         r = result[mode]
         differ = sum(int((r["_masks"][k] != ref["_masks"][k]).sum()) for k in r["_masks"])
         total = sum(m.size for m in r["_masks"].values())
-        print(f"| {mode} | {r['dice']:.4f} | " + " | ".join(f"{r[f'dice/{n}']:.4f}" for n in names[1:])
-              + f" | {r['dice'] - ref['dice']:+.4f} | {differ} of {total} ({differ / total:.2e}) |")  # fmt: skip
+        rows.append({"dtype": mode, "mean Dice": r["dice"], **{n: r[f"dice/{n}"] for n in names[1:]},
+                     "- fp32": r["dice"] - ref["dice"], "voxels differing": f"{differ} of {total}"})  # fmt: skip
+    print(markdown_table(rows))
     return {m: {k: v for k, v in r.items() if k != "_masks"} for m, r in result.items()}
 
 
@@ -296,13 +298,12 @@ def ensemble(args: argparse.Namespace) -> list[dict]:
             print(f"  {name}: {plain['dice']:.4f} / {after['dice']:.4f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     best = max((r for r in rows if r["model"] != "ensemble"), key=lambda r: r["plain"]["dice"])
     print(f"\n{cpu_name()}; {len(items)} held-out cases ({args.cases}); dtype {args.dtype}\n")
-    print("| model | mean Dice | " + " | ".join(names[1:]) + " | keep-largest for | Dice after | s |")
-    print("|---|---|" + "---|" * len(names[1:]) + "---|---|---|")
-    for r in rows:
-        flag = " (best fold)" if r is best else ""
-        print(f"| {r['model']}{flag} | {r['plain']['dice']:.4f} | "
-              + " | ".join(f"{r['plain'][f'dice/{n}']:.4f}" for n in names[1:])
-              + f" | {', '.join(r['keep']) or '-'} | {r['post']['dice']:.4f} | {r['seconds']:.0f} |")  # fmt: skip
+    print(markdown_table([
+        {"model": r["model"] + (" (best fold)" if r is best else ""), "mean Dice": r["plain"]["dice"],
+         **{n: r["plain"][f"dice/{n}"] for n in names[1:]}, "keep-largest for": ", ".join(r["keep"]) or "-",
+         "Dice after": r["post"]["dice"], "s": r["seconds"]}
+        for r in rows
+    ]))  # fmt: skip
     ens = rows[-1]
     print(f"\nensemble - best fold: {ens['plain']['dice'] - best['plain']['dice']:+.4f} mean Dice "
           f"(median fold {statistics.median(r['plain']['dice'] for r in rows[:-1]):.4f})")  # fmt: skip

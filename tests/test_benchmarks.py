@@ -61,3 +61,14 @@ def test_saved_memory_splits_net_and_loss(capsys) -> None:
     assert row["low_loss"] == row["fp32_loss"] > 0
     # softmax, log-softmax and the one-hot target, FP32 (1, 3, 32^3) each, plus the int64 labels
     assert row["fp32_loss"] >= 3 * 3 * 32**3 * 4 / 2**20
+
+
+def test_predict_benchmark_prints_time_and_memory_ratios(capsys) -> None:
+    """One fresh process per (size, dtype): fp32 and bf16 rows, the ratios against fp32 of the same invocation."""
+    bench = _script("predict")
+    rows = bench.main(["sizes", "--sizes", "20x24x16", "--roi", "16", "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert "| volume | ROI | mode | s/case (min) |" in out and "| 20x24x16 | 16x16x16 | bf16 |" in out
+    fp32, bf16 = rows
+    assert (fp32["mode"], bf16["mode"]) == ("fp32", "bf16") and fp32["speedup"] == 1.0
+    assert bf16["seconds"] > 0 and bf16["peak_mib"] > 0 and bf16["mem_ratio"] > 0

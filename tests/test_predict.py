@@ -1,9 +1,6 @@
 """Inference round trip and scoring: masks on the input's own grid; evaluate against hand-computed Dice."""
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -21,10 +18,12 @@ from medseg.inference import postprocess
 from medseg.inference.cases import save_mask, write_atomic
 from medseg.inference.precision import stitch_device
 from medseg.models.inference import mirror_flips, sliding_window_probs
+from medseg.precision.plugin import saved_state
 from medseg.predict import CasesFailed, Predictor, predict
 from medseg.train import build_model, train
 
-from .conftest import TINY, TINY_UNET, compose_cfg
+from .conftest import compose_cfg
+from .helpers import TINY, TINY_UNET, output, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +185,8 @@ def test_ensemble_averages_softmax_of_its_models(checkpoint, tmp_path):
     other = tmp_path / "other"  # the same weights, perturbed: another model with the same preprocessing
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     torch.manual_seed(0)
-    for name, masters in zip(ckpt["MixedPrecision"]["names"][0], ckpt["MixedPrecision"]["masters"][0], strict=True):
+    state = saved_state(ckpt)  # the FP32 masters, which predict loads (this fixture trains +precision=mixed)
+    for name, masters in zip(state["names"][0], state["masters"][0], strict=True):
         if name.endswith("conv.weight"):
             masters.add_(0.2 * masters.std() * torch.randn_like(masters))
     (other / "checkpoints").mkdir(parents=True)
@@ -311,13 +311,12 @@ def test_bad_cases_are_named_and_the_others_predicted(checkpoint, tmp_path):
     assert "2D image" in by_file["flat.nii.gz"] and "not a readable NIfTI" in by_file["broken.nii.gz"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
 
-    run = subprocess.run(
-        [sys.executable, "-m", "medseg.predict", f"ckpt_path={checkpoint}", f"input={folder}",
-         f"output={tmp_path / 'cli'}", "device=cpu", "overlap=0.25", "progress=false", "num_workers=0",
-         f"hydra.run.dir={tmp_path / 'hydra'}"],
-        capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300,
+    run = run_cli(
+        f"ckpt_path={checkpoint}", f"input={folder}", f"output={tmp_path / 'cli'}", "device=cpu", "dtype=bf16",
+        "overlap=0.25", "progress=false", "num_workers=0", f"hydra.run.dir={tmp_path / 'hydra'}",
+        module="medseg.predict",
     )  # fmt: skip
-    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.returncode == 1, output(run)
     assert "3 case(s) not predicted" in run.stderr
     for name in ("two_channels.nii.gz", "flat.nii.gz", "broken.nii.gz"):
         assert name in run.stderr

@@ -1,7 +1,7 @@
 """Inference precision: which dtype a net runs and stitches in, and where the stitching buffers live.
 
-The net is converted with the training plugin's own `convert_module`, so inference runs exactly the layers the
-plugin runs in the low dtype (norm layers keep FP32 weights and statistics).
+The net is converted with the training plugin's own layer casting (`medseg.precision.convert`), so inference runs
+exactly the layers the plugin runs in the low dtype (norm layers keep FP32 weights and statistics).
 """
 
 import logging
@@ -9,12 +9,11 @@ import logging
 import torch
 from torch import nn
 
-from medseg.precision.plugin import MixedPrecision
+from medseg.precision.convert import to_low_precision
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_PLUGIN_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Share of free GPU memory the stitching buffers may take before they go to the CPU (see `stitch_device`).
 GPU_BUFFER_SHARE = 0.25
 
@@ -30,10 +29,10 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def convert_net(net: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`net` in `dtype`, in place: FP32 as is; BF16/FP16 by the training plugin's `convert_module`."""
+    """`net` in `dtype`, in place: FP32 as is; BF16/FP16 as the training plugin converts it (`to_low_precision`)."""
     if dtype == torch.float32:
         return net.float()
-    return MixedPrecision(dtype=_PLUGIN_DTYPES[dtype]).convert_module(net)  # type: ignore[arg-type]
+    return to_low_precision(net, dtype)
 
 
 def stitch_device(
