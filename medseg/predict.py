@@ -27,10 +27,11 @@ from medseg import CONF_DIR
 from medseg.checkpoint import CheckpointError, fp32_net_state, load_checkpoint
 from medseg.data.transforms import preprocess
 from medseg.inference import postprocess
-from medseg.inference.cases import PARTIAL, Case, CaseDataset, case_loader, save_mask, save_probs
+from medseg.inference.cases import Case, CaseDataset, case_loader, save_mask, save_probs
 from medseg.inference.ensemble import check_compatible, checkpoint_paths
 from medseg.inference.precision import convert_net, inference_dtype, stitch_device
 from medseg.models.inference import mirror_flips, probs_to_labels, sliding_window_probs
+from medseg.reliability.atomic_io import PARTIAL
 
 log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -15,11 +15,12 @@ from medseg.checkpoint import CheckpointError
 from medseg.config_check import ConfigError
 from medseg.evaluate import evaluate
 from medseg.inference import postprocess
-from medseg.inference.cases import save_mask, write_atomic
+from medseg.inference.cases import save_mask
 from medseg.inference.precision import stitch_device
 from medseg.models.inference import mirror_flips, sliding_window_probs
 from medseg.precision.plugin import saved_state
 from medseg.predict import CasesFailed, Predictor, predict
+from medseg.reliability.atomic_io import write_atomic
 from medseg.train import build_model, train
 
 from .conftest import compose_cfg

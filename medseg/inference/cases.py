@@ -5,7 +5,6 @@ A case that cannot be read or does not fit the checkpoint comes back as an error
 exception: the other cases of the folder are still predicted.
 """
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-PARTIAL = ".partial-"  # prefix of files being written; renamed to their final name once complete
+from medseg.reliability.atomic_io import write_atomic
 
 
 @dataclass
@@ -71,18 +70,6 @@ def _single(case: Any) -> Any:
 def case_loader(dataset: CaseDataset, num_workers: int) -> DataLoader:
     """Cases in order, `num_workers` processes reading and preprocessing ahead (two cases each)."""
     return DataLoader(dataset, batch_size=None, collate_fn=_single, num_workers=num_workers)
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)` to a hidden file beside `path` (same suffix), then rename it to `path`: the rename is atomic,
-    so a killed run leaves at most a `.partial-*` file, never a half-written output under its final name."""
-    tmp = path.with_name(f"{PARTIAL}{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def save_mask(path: Path, mask: np.ndarray, affine: np.ndarray) -> Path:

@@ -11,8 +11,6 @@ import io
 import json
 import logging
 import math
-import os
-import socket
 import traceback
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medseg.precision.monitor import PrecisionMonitor
+from medseg.reliability.atomic_io import write_atomic
 from medseg.tracking.summary import best_score
 from medseg.tracking.tables import fmt, markdown_table
 
@@ -108,11 +107,9 @@ def collect_results(sweep_dir: Path, failures: dict[str, str] | None = None) -> 
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_text(path: Path, text: str) -> None:
     # jobs on a cluster finish at the same time: readers see the old table or the new one, never half of one
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
@@ -121,8 +118,8 @@ def write_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
     writer = csv.DictWriter(out, fieldnames=[*COLUMNS, "output_dir"])
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(sweep_dir / "summary.csv", out.getvalue())
-    _write_atomic(sweep_dir / "summary.md", markdown_table(rows, COLUMNS) + "\n")
+    _write_text(sweep_dir / "summary.csv", out.getvalue())
+    _write_text(sweep_dir / "summary.md", markdown_table(rows, COLUMNS) + "\n")
 
 
 def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
