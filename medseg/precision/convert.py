@@ -2,6 +2,7 @@
 prediction, so a net predicts in the same numerics it was trained in."""
 
 import weakref
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -25,6 +26,9 @@ LOSS_TYPES: tuple[type[nn.Module], ...] = (nn.modules.loss._Loss,)
 
 # modules that already carry the casting hooks: converting a net twice (fit, then test) must not stack them
 _HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# modules whose output the hooks cast, and to which dtype: looked up when the hook runs, because a norm inside a
+# module kept in FP32 must hand FP32 on to its neighbours, and a module may be promoted after it was hooked
+_OUTPUT_DTYPE: weakref.WeakKeyDictionary[nn.Module, torch.dtype] = weakref.WeakKeyDictionary()
 
 
 def cast_floating(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -36,28 +40,60 @@ def _inputs_to_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     return apply_to_collection((args, kwargs), Tensor, cast_floating, torch.float32)
 
 
-def _output_to(module: nn.Module, args: tuple[Any, ...], output: Any, dtype: torch.dtype) -> Any:
-    return cast_floating(output, dtype) if isinstance(output, Tensor) else output
+def _output_cast(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    return apply_to_collection(output, Tensor, cast_floating, _OUTPUT_DTYPE[module])
 
 
-def to_low_precision(module: nn.Module, dtype: torch.dtype, norms_in_float32: bool = False) -> nn.Module:
+def _cast_at_boundary(module: nn.Module, output_dtype: torch.dtype) -> None:
+    """Inputs cast to FP32 before ``module`` runs, its outputs to ``output_dtype`` after (hooks added once)."""
+    if module not in _HOOKED:
+        module.register_forward_pre_hook(_inputs_to_fp32, with_kwargs=True)
+        module.register_forward_hook(_output_cast)
+        _HOOKED.add(module)
+    _OUTPUT_DTYPE[module] = output_dtype
+
+
+def keep_fp32(module: nn.Module, dtype: torch.dtype) -> None:
+    """Hold ``module`` and its submodules in FP32 and run its forward in FP32, casting its floating inputs to
+    FP32 and its outputs back to ``dtype``, the rest of the net's dtype (a module of the plan's
+    ``fp32_modules``, or one the advisor promotes during training). In place; Parameter objects keep their
+    identity. Norms inside hand FP32 on to their neighbours."""
+    if isinstance(module, LOSS_TYPES):
+        raise ValueError(f"{type(module).__name__} is a loss: losses always compute in FP32 already")
+    for m in module.modules():
+        m._apply(partial(cast_floating, dtype=torch.float32), recurse=False)
+        if m in _OUTPUT_DTYPE:
+            _OUTPUT_DTYPE[m] = torch.float32
+    _cast_at_boundary(module, dtype)
+
+
+def to_low_precision(
+    module: nn.Module, dtype: torch.dtype, norms_in_float32: bool = False, fp32_modules: Sequence[str] = ()
+) -> nn.Module:
     """Cast ``module`` to ``dtype`` (float16/bfloat16) in place, except norm layers and losses, which keep FP32
     weights: BatchNorm/InstanceNorm take the low-precision input (their kernels accumulate in FP32) unless
     ``norms_in_float32``; GroupNorm/LayerNorm, and with ``norms_in_float32`` every norm, get their input cast to
-    FP32 and their output back to ``dtype``; losses compute and return FP32.
+    FP32 and their output back to ``dtype``; losses compute and return FP32. ``fp32_modules`` names submodules
+    (as in ``module.named_modules()``) kept wholly in FP32 by ``keep_fp32``.
 
     In place, and `_apply(recurse=False)` one module at a time (what `Module.to` uses), so norm weights are never
     rounded through the low dtype and Parameter objects keep their identity (optimizers built on them stay valid).
     """
+    # never rounded through the low dtype, also when a net is converted again (fit, then test)
+    kept = {id(m) for name in fp32_modules for m in module.get_submodule(name).modules()}
     for m in module.modules():
+        if id(m) in kept:
+            continue
         if isinstance(m, NORM_TYPES + LOSS_TYPES):
             m._apply(partial(cast_floating, dtype=torch.float32), recurse=False)
             low_input = isinstance(m, STAT_NORM_TYPES) and not norms_in_float32
-            if m not in _HOOKED and not low_input:
+            if isinstance(m, LOSS_TYPES) and m not in _HOOKED:
                 m.register_forward_pre_hook(_inputs_to_fp32, with_kwargs=True)
-                if isinstance(m, NORM_TYPES):
-                    m.register_forward_hook(partial(_output_to, dtype=dtype))
                 _HOOKED.add(m)
+            elif isinstance(m, NORM_TYPES) and not low_input:
+                _cast_at_boundary(m, dtype)
         else:
             m._apply(partial(cast_floating, dtype=dtype), recurse=False)
+    for name in fp32_modules:
+        keep_fp32(module.get_submodule(name), dtype)
     return module

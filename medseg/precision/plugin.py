@@ -11,8 +11,9 @@ optimizer ``load_state_dict`` (lands on the masters, since they are what ``param
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -20,12 +21,16 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from medseg.precision.convert import cast_floating, to_low_precision
+from medseg.precision.advisor import PrecisionAdvisor, locate, overflow_line
+from medseg.precision.convert import LOSS_TYPES, cast_floating, keep_fp32, to_low_precision
+from medseg.precision.plan import PLAN_FILE, Decision, PlanError, PrecisionPlan, load_plan, match_modules, save_plan
 from medseg.precision.scaler import DynamicLossScaler
 
 log = logging.getLogger(__name__)
@@ -117,6 +122,13 @@ class MasterWeightPrecision(Precision):
         track_grad_norm: compute ``last_step["grad_norm"]`` (one extra read of the gradients per step).
         norms_in_float32: run BatchNorm/InstanceNorm on FP32 copies of their input (slower, more memory; for
             norm layers from elsewhere whose kernels would accumulate in the low dtype).
+        fp32_modules: module-name globs (``net.vit.blocks.*.attn``, names as in the LightningModule) or class
+            names (``SABlock``) kept wholly in FP32: FP32 weights (their own masters) and an FP32 forward, with
+            inputs cast to FP32 and outputs back to the low dtype. A pattern matching no module is an error.
+        plan: a ``precision_plan.yaml`` (written by an earlier run) whose ``fp32_modules`` are added to these.
+        advisor: finds the module where an overflow started and keeps it in FP32 once it has caused enough
+            of them (``medseg.precision.advisor``); the plan, with its decisions, is saved in checkpoints and as
+            ``precision_plan.yaml`` in ``trainer.default_root_dir``.
     """
 
     precision = "32-true"  # set to "16-true" / "bf16-true" once the dtype is known
@@ -129,6 +141,9 @@ class MasterWeightPrecision(Precision):
         track_grad_norm: bool = False,
         scale_bfloat16: bool = False,
         norms_in_float32: bool = False,
+        fp32_modules: Sequence[str] = (),
+        plan: str | None = None,
+        advisor: PrecisionAdvisor | None = None,
     ) -> None:
         if dtype != "auto" and dtype not in LOW_DTYPES:
             raise ValueError(f"dtype must be 'auto', 'float16' or 'bfloat16', got {dtype!r}")
@@ -140,6 +155,12 @@ class MasterWeightPrecision(Precision):
         self.track_grad_norm = track_grad_norm
         self.scale_bfloat16 = scale_bfloat16
         self.norms_in_float32 = norms_in_float32
+        self.plan = PrecisionPlan(fp32_modules=list(fp32_modules))
+        if plan is not None:
+            self.plan.fp32_modules += load_plan(plan).fp32_modules
+        self.advisor = advisor
+        self._plan_dir: Path | None = None  # where precision_plan.yaml goes: the trainer's default_root_dir
+        self._module: pl.LightningModule | None = None  # set in connect(): promotions apply to it
         self.last_step: dict[str, Any] = {}
         self._dtype: torch.dtype | None = None
         self._masters: list[tuple[Optimizer, _Masters]] = []
@@ -184,7 +205,10 @@ class MasterWeightPrecision(Precision):
         """
         self._resolve_dtype(module)
         assert self._dtype is not None
-        to_low_precision(module, self._dtype, norms_in_float32=self.norms_in_float32)
+        names = match_modules(module, self.plan.fp32_modules, "precision.plugin.fp32_modules")
+        if any(isinstance(module.get_submodule(n), LOSS_TYPES) for n in names):
+            raise PlanError(f"precision.plugin.fp32_modules: {names} include a loss; losses compute in FP32 anyway")
+        to_low_precision(module, self._dtype, norms_in_float32=self.norms_in_float32, fp32_modules=names)
         return module
 
     @override
@@ -206,6 +230,7 @@ class MasterWeightPrecision(Precision):
                 " `automatic_optimization = False`. Use Lightning's precision='16-mixed' or 'bf16-mixed'."
             )
         self._resolve_dtype(model)
+        self._module = lightning_module
         names = {p: n for n, p in (lightning_module or model).named_parameters()}
         masters_of: dict[Tensor, Tensor] = {}  # a parameter shared by two optimizers gets one master
         # `trainer.test()` after `fit()` connects the same optimizers again; they already hold the masters
@@ -247,7 +272,53 @@ class MasterWeightPrecision(Precision):
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
+        if lightning_module is not None and lightning_module._trainer is not None:
+            self._plan_dir = Path(lightning_module.trainer.default_root_dir)
+            if self.plan.fp32_modules or self.advisor is not None:
+                self._save_plan()
         return model, optimizers, lr_schedulers
+
+    @rank_zero_only
+    def _save_plan(self) -> None:
+        if self._plan_dir is not None:
+            save_plan(self.plan, self._plan_dir / PLAN_FILE)
+
+    def promote(self, module: "pl.LightningModule", names: Sequence[str]) -> None:
+        """Keep the named modules of ``module`` in FP32 from now on (``keep_fp32``), their weights set to their FP32
+        masters bit for bit; the masters and the optimizer state are not touched. Under DDP the model is wrapped
+        again, since DDP's gradient buckets are made for the dtypes the parameters had."""
+        assert self._dtype is not None
+        for name in names:
+            keep_fp32(module.get_submodule(name), self._dtype)
+        for _, entry in self._masters:
+            self._copy_to_model(entry)  # same FP32 master, now copied exactly; its pairing stays as it was
+        strategy = module.trainer.strategy if module._trainer is not None else None
+        if strategy is not None and isinstance(strategy.model, DistributedDataParallel):
+            # Lightning's own wrapping (private; the public path is only taken once, at setup)
+            strategy.model = strategy._setup_model(strategy.model.module)  # type: ignore[attr-defined]
+
+    def _advise(self, optimizer: Optimizer, model: "pl.LightningModule", closure: Callable[[], Any]) -> None:
+        """On an overflow step: re-run the batch with the advisor's hooks, count its culprit, promote it when the
+        rule says so. The re-run's gradients are dropped; the step stays skipped."""
+        assert self.advisor is not None and self.scaler is not None
+        step, scale = model.trainer.global_step, self.scaler.scale
+        culprit = locate(closure, model)
+        for _, entry in self._masters:
+            for p in entry.low_model:
+                p.grad = None
+        optimizer.zero_grad(set_to_none=True)
+        rank_zero_only(log.info)(overflow_line(culprit, step, scale))
+        decision = self.advisor.record(culprit, step, scale) if culprit is not None else None
+        if decision is None or decision.layer in self.plan.fp32_modules:
+            return
+        if isinstance(model.get_submodule(decision.layer), LOSS_TYPES):
+            rank_zero_only(log.warning)(f"precision advisor: {decision.line()}: a loss, already FP32; not promoted")
+            return
+        self.promote(model, [decision.layer])
+        self.plan.fp32_modules.append(decision.layer)
+        self.plan.decisions.append(decision)
+        rank_zero_only(log.warning)(f"precision advisor: {decision.line()}")
+        self._save_plan()
 
     @staticmethod
     def _make_master(param: Tensor) -> Tensor:
@@ -337,6 +408,8 @@ class MasterWeightPrecision(Precision):
         if overflow:
             optimizer.zero_grad(set_to_none=True)  # master grads; the model's were released above
             scale = self.scaler.scale
+            if self.advisor is not None:
+                self._advise(optimizer, model, closure)
             self.scaler.update(True)
             self._record(overflow=True, grad_norm=None)
             self._check_skips(model, scale)
@@ -403,12 +476,16 @@ class MasterWeightPrecision(Precision):
         Only tensors, numbers, strings, lists and dicts, so checkpoints load with ``weights_only=True``.
         ``names`` are the parameters' names in the LightningModule (the checkpoint's ``state_dict`` keys).
         """
-        return {
+        state = {
             "dtype": self.dtype_name,
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "masters": [[m.detach() for m in entry.master_params] for _, entry in self._masters],
             "names": [list(entry.names) for _, entry in self._masters],
+            "plan": self.plan.to_dict(),
         }
+        if self.advisor is not None:
+            state["advisor"] = self.advisor.state_dict()
+        return state
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -444,6 +521,7 @@ class MasterWeightPrecision(Precision):
         if len(state_dict["masters"]) != len(self._masters):
             n_saved, n_run = len(state_dict["masters"]), len(self._masters)
             raise ValueError(f"Checkpoint has masters for {n_saved} optimizers, the run has {n_run}")
+        self._resume_plan(state_dict)
         saved_names = state_dict.get("names", [None] * len(self._masters))
         for (_, entry), saved, names in zip(self._masters, state_dict["masters"], saved_names, strict=True):
             if names is not None and list(names) != entry.names:
@@ -454,6 +532,19 @@ class MasterWeightPrecision(Precision):
             with torch.no_grad():
                 torch._foreach_copy_(entry.master_params, list(saved))
             self._copy_to_model(entry)  # the model must hold the rounded masters, exactly as after a step
+
+    def _resume_plan(self, state_dict: dict[str, Any]) -> None:
+        """Promote again what the saved run promoted (same modules, same pairing of weights and masters, so the
+        resumed run is bit-identical to an uninterrupted one) and restore the advisor's counts."""
+        saved = PrecisionPlan.from_dict(state_dict.get("plan") or {}, source="checkpoint precision plan")
+        new: list[Decision] = [d for d in saved.decisions if d.layer not in self.plan.fp32_modules]
+        if new:
+            assert self._module is not None, "connect() saw no LightningModule"
+            self.promote(self._module, [d.layer for d in new])
+            self.plan.fp32_modules += [d.layer for d in new]
+            self.plan.decisions += new
+        if self.advisor is not None and "advisor" in state_dict:
+            self.advisor.load_state_dict(state_dict["advisor"])
 
     @override
     def teardown(self) -> None:
