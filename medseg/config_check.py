@@ -40,6 +40,26 @@ def _unknown_keys(node: DictConfig, path: str) -> list[str]:
     return problems
 
 
+# Transformer U-Nets take only patch sizes that their token grid divides: UNETR cuts 16^3 tokens and its decoder
+# doubles four times; SwinUNETR halves five times (patch embedding, then four stages) and its bottleneck instance
+# norm needs more than one voxel (MONAI raises "Expected more than 1 spatial element" deep inside the first step).
+TRANSFORMER_FACTORS = {"UNETR": 16, "SwinUNETR": 32}
+
+
+def _transformer_patch(name: str, patch: list[int]) -> list[str]:
+    factor = TRANSFORMER_FACTORS[name]
+    fixed = [max(factor, -(-p // factor) * factor) for p in patch]  # the next multiple up
+    if name == "SwinUNETR" and all(f == factor for f in fixed):
+        fixed[0] = 2 * factor
+    bottleneck = 1
+    for p in patch:
+        bottleneck *= p // factor
+    if any(p % factor for p in patch) or (name == "SwinUNETR" and bottleneck < 2):
+        rule = f"multiples of {factor}" + (" with more than one voxel at the bottleneck" if name == "SwinUNETR" else "")
+        return [f"data.patch_size: {patch} cannot go through {name}: sizes must be {rule}, e.g. {fixed}"]
+    return []
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem found in `cfg` (a composed `conf/train.yaml`)."""
     problems = []
@@ -64,6 +84,9 @@ def check_config(cfg: DictConfig) -> None:
             problems.append(
                 f"data.patch_size: {list(patch)} must be divisible by {factor} (the product of model.net.strides)"
             )
+    target = str(OmegaConf.select(cfg, "model.net._target_") or "")
+    if isinstance(patch, ListConfig) and len(patch) == 3 and target.rsplit(".", 1)[-1] in TRANSFORMER_FACTORS:
+        problems += _transformer_patch(target.rsplit(".", 1)[-1], [int(p) for p in patch])
     if problems:
         raise ConfigError("\n".join(problems))
 

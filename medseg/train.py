@@ -23,6 +23,7 @@ from medseg import CONF_DIR
 from medseg.checkpoint import CheckpointError, load_checkpoint
 from medseg.config_check import ConfigError, check_config, check_output_dir
 from medseg.data.checks import DatasetError
+from medseg.precision.plugin import MasterWeightPrecision
 from medseg.reliability.resume import newest_loadable
 from medseg.tracking.loggers import make_loggers, redact
 from medseg.tracking.summary import best_score
@@ -136,6 +137,8 @@ def train(cfg: DictConfig) -> float | None:
     kwargs = precision_kwargs(cfg.get("precision"))
     kwargs["plugins"] = [*kwargs.get("plugins", []), instantiate(cfg.checkpoint_io)]  # beside a precision plugin
     trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
+    if isinstance(trainer.precision_plugin, MasterWeightPrecision):
+        trainer.precision_plugin.check_plan(model)  # a plan naming modules the net lacks fails before any work
     for logger in trainer.loggers:
         logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
 

@@ -20,14 +20,15 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options_build(option, tiny_cfg):
-    cfg = tiny_cfg(f"model={option}", "data.patch_size=[32,32,32]")
+    size = 64 if option == "swinunetr" else 32  # SwinUNETR needs multiples of 32 and > 1 voxel at the bottleneck
+    cfg = tiny_cfg(f"model={option}", f"data.patch_size=[{size},32,32]")
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule).eval()
     assert model.hparams.inference["net"]["in_channels"] == 1
     assert model.hparams.inference["net"]["out_channels"] == 3  # background, organ, tumour
     with torch.no_grad():
-        logits = model(torch.zeros(1, 1, 32, 32, 32))
-    assert logits.shape == (1, 3, 32, 32, 32)  # channels from the data reach the net
+        logits = model(torch.zeros(1, 1, size, 32, 32))
+    assert logits.shape == (1, 3, size, 32, 32)  # channels from the data reach the net
 
 
 @pytest.mark.parametrize("option", options("data"))

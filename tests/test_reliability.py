@@ -110,12 +110,19 @@ def test_full_disk_fails_before_training(tmp_path):
         ("model.test_mirror_axes=[0,3]", r"model.test_mirror_axes: must list spatial axes 0, 1 or 2, got \[0, 3\]"),
         ("model.test_mirror_axes=[x]", "model.test_mirror_axes: invalid literal"),
         ("model.channels_last=sideways", "model.channels_last: must be true, false or 'auto', got 'sideways'"),
+        (
+            "model=swinunetr",
+            r"data.patch_size: \[32, 32, 32\] cannot go through SwinUNETR: sizes must be multiples of 32 with more"
+            r" than one voxel at the bottleneck, e.g. \[64, 32, 32\]",
+        ),
+        ("model=unetr data.patch_size=[40,32,32]", r"UNETR: sizes must be multiples of 16, e.g. \[48, 32, 32\]"),
+        ("+precision=mixed precision.plugin.plan=/nonexistent/x.yaml", "precision plan /nonexistent/x.yaml: cannot read"),
     ],
 )
 def test_bad_settings_fail_naming_the_key(override, message, tiny_cfg):
     extra = ["+precision=mixed"] if override.startswith("+precision.") else []
     with pytest.raises(ValueError, match=message):
-        train(tiny_cfg(*extra, override))
+        train(tiny_cfg(*extra, *override.split()))
 
 
 @pytest.mark.parametrize(
@@ -125,13 +132,17 @@ def test_bad_settings_fail_naming_the_key(override, message, tiny_cfg):
         ("model.optimizer.lr=-1", "medseg: model.optimizer.lr: must be > 0"),
         ("data.root=/nonexistent/Task99", "dataset.json"),
         ("model.test_mirror_axes=[5]", "medseg: model.test_mirror_axes: must list spatial axes"),
+        (
+            "+precision=mixed precision.plugin.fp32_modules=[net.nothing.*]",
+            "medseg: precision.plugin.fp32_modules: no module of SegmentationModule matches ['net.nothing.*']",
+        ),
     ],
 )
 def test_cli_errors_are_one_message_without_traceback(override, message, tiny_dataset, tmp_path):
     """From the shell, a bad setting prints one message naming it, exits non-zero and leaves no run behind."""
     run_dir = tmp_path / "run"
     dataset = on_dataset(tiny_dataset, tmp_path / "cache")
-    result = run_cli(*TINY, *TINY_UNET, *dataset, f"hydra.run.dir={run_dir}", override, timeout=120)
+    result = run_cli(*TINY, *TINY_UNET, *dataset, f"hydra.run.dir={run_dir}", *override.split(), timeout=120)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not run_dir.exists()

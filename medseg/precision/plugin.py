@@ -205,11 +205,17 @@ class MasterWeightPrecision(Precision):
         """
         self._resolve_dtype(module)
         assert self._dtype is not None
+        names = self.check_plan(module)
+        to_low_precision(module, self._dtype, norms_in_float32=self.norms_in_float32, fp32_modules=names)
+        return module
+
+    def check_plan(self, module: nn.Module) -> list[str]:
+        """The names of ``module``'s submodules the plan keeps in FP32; a ``PlanError`` naming the patterns that
+        match none of them, or a loss."""
         names = match_modules(module, self.plan.fp32_modules, "precision.plugin.fp32_modules")
         if any(isinstance(module.get_submodule(n), LOSS_TYPES) for n in names):
             raise PlanError(f"precision.plugin.fp32_modules: {names} include a loss; losses compute in FP32 anyway")
-        to_low_precision(module, self._dtype, norms_in_float32=self.norms_in_float32, fp32_modules=names)
-        return module
+        return names
 
     @override
     def convert_input(self, data: Any) -> Any:
