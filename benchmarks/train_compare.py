@@ -5,7 +5,8 @@
 Everything after `--` is passed to every run as Hydra overrides; each run adds `+precision=<mode>`, a CSV logger
 and `benchmarks.precision.StepTimer` as a callback (median step time after warm-up, the precision plugin's share,
 peak memory: CUDA `max_memory_allocated`, CPU peak RSS of the main process). Same seed, data and steps for every
-mode, so the Dice columns compare like with like (issue 3: `mixed` within 0.02 of `fp32`).
+mode, so the Dice columns compare like with like (issue 3: `mixed` within 0.02 of `fp32`). `skipped` and `NaN
+steps` are PrecisionMonitor's counts; `FP32 modules` the length of the run's precision_plan.yaml (the advisor's).
 """
 
 import argparse
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from medseg.tracking.tables import markdown_table
 
@@ -54,9 +57,17 @@ def run_mode(mode: str, run_dir: Path, overrides: list[str], warmup: int, timeou
         result.update(json.loads(timer_json.read_text()))
     metrics_csv = run_dir / "csv" / "metrics.csv"
     if metrics_csv.is_file():
-        rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get("val/dice")]
+        all_rows = list(csv.DictReader(metrics_csv.open()))
+        rows = [r for r in all_rows if r.get("val/dice")]
         if rows:
             result["last_val_dice"] = float(rows[-1]["val/dice"])
+        for key in ("skipped_steps", "nan_steps"):  # running counts logged by PrecisionMonitor
+            counts = [int(float(r[f"precision/{key}"])) for r in all_rows if r.get(f"precision/{key}")]
+            if counts:
+                result[key] = counts[-1]
+    plan = run_dir / "precision_plan.yaml"
+    if plan.is_file():
+        result["fp32_modules"] = len(yaml.safe_load(plan.read_text()).get("fp32_modules") or [])
     return result
 
 
@@ -79,6 +90,8 @@ def table(results: list[dict]) -> str:
             "Dice - fp32": delta(r, "last_val_dice"), "step ms": fmt(r, "step_ms", ".1f"),
             "time/fp32": ratio(r, "step_ms"), "peak MiB": fmt(r, "peak_mb", ".0f"), "mem/fp32": ratio(r, "peak_mb"),
             "opt %": f"{100 * r['opt_share']:.1f}" if "opt_share" in r else "-", "loss": fmt(r, "loss", ".4f"),
+            "skipped": fmt(r, "skipped_steps", "d"), "NaN steps": fmt(r, "nan_steps", "d"),
+            "FP32 modules": fmt(r, "fp32_modules", "d"),
             "wall s": f"{r['wall_s']:.0f}", "exit": r["returncode"],
         }
         for r in results

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.precision.plan import PLAN_FILE, load_plan
 from medseg.tracking.plots import plot_loss_scale, plot_performance, plot_precision, plot_training
 from medseg.tracking.runs import RunLog, best_checkpoint, find_runs, load_run, summary_table
 
@@ -61,6 +62,19 @@ PLOTS = {
 }
 
 
+def plan_section(runs: list[RunLog]) -> str:
+    """Each run's precision_plan.yaml: the modules kept in FP32 and the advisor's decisions ("" when none has one)."""
+    lines = []
+    for run in runs:
+        path = run.path / PLAN_FILE
+        if not path.is_file():
+            continue
+        plan = load_plan(path)
+        lines.append(f"- `{run.label}`: FP32 modules {plan.fp32_modules or 'none'}")
+        lines += [f"  - {d.line()}" for d in plan.decisions]
+    return "\n## Precision plan\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def write_report(runs: list[RunLog], out: str | Path) -> Path:
     """The PNGs and ``report.md`` in ``out``; returns the markdown file."""
     out = Path(out)
@@ -76,6 +90,7 @@ def write_report(runs: list[RunLog], out: str | Path) -> Path:
         "## Training\n\n![training](training.png)\n\n"
         "## Precision metrics\n\n![precision](precision.png)\n\n"
         "## Speed and memory\n\n![performance](performance.png)\n"
+        f"{plan_section(runs)}"
     )
     path = out / "report.md"
     path.write_text(text)
@@ -91,6 +106,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out) if args.out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
     path = write_report(runs, out)
     print(summary_table(runs))
+    print(plan_section(runs), end="")
     print(f"\nwrote {path} and {len(PLOTS)} plots")
     return path
 

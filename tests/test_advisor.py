@@ -18,6 +18,9 @@ from torch.utils.data import DataLoader
 from medseg.precision import DynamicLossScaler, MasterWeightPrecision
 from medseg.precision.advisor import PrecisionAdvisor
 from medseg.precision.plan import PLAN_FILE, PlanError, load_plan
+from medseg.report import plan_section
+from medseg.tracking.runs import RunLog
+from medseg.tracking.summary import plan_table
 
 from .test_plugin import DATA, QUIET, _assert_identical, _state
 
@@ -86,6 +89,12 @@ def test_culprit_is_named_and_kept_in_fp32(tmp_path: Path, caplog: pytest.LogCap
     assert model.hot.gain.dtype == torch.float32 and model.conv.weight.dtype == torch.float16
     assert torch.equal(model.hot.gain, prec.master_params[2])  # the weight is its master, exactly
     assert load_plan(tmp_path / PLAN_FILE) == prec.plan  # written where the run lives
+    # and shown: medseg.report's plan section, the W&B table
+    run = RunLog(path=tmp_path, config={}, series={}, source="csv")
+    assert "  - step 1: hot -> FP32 (2 overflows started in it within 10 steps, first non-finite value in its" in (
+        plan_section([run])
+    )
+    assert plan_table(prec.plan).data == [["hot", "advisor", 1, "forward output", 2, 10, 128.0]]  # after one halving
 
 
 def test_promotion_keeps_masters_and_optimizer_state_exact(tmp_path: Path) -> None:

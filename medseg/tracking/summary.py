@@ -6,6 +6,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 from medseg.precision.monitor import FP16_MAX, PrecisionMonitor
+from medseg.precision.plan import PrecisionPlan
+from medseg.precision.plugin import MasterWeightPrecision
 from medseg.tracking.loggers import SafeWandbLogger, log_to_wandb, wandb_loggers
 
 
@@ -33,10 +35,16 @@ class WandbRunSummary(pl.Callback):
         if best_dice is not None:
             summary["summary/best_val_dice"] = best_dice
         media: dict[str, Any] = {}
+        plugin = trainer.precision_plugin
+        plan = plugin.plan if isinstance(plugin, MasterWeightPrecision) else None
+        if plan is not None and plan.fp32_modules:
+            media["precision/plan"] = plan_table(plan)
+            summary["summary/fp32_modules"] = len(plan.fp32_modules)
         if monitor is not None:
             summary.update({f"summary/{k}": v for k, v in monitor.totals().items()})
             if monitor.scale_history:
-                media["precision/loss_scale_chart"] = loss_scale_chart(monitor.scale_history)
+                promotions = [d.step for d in plan.decisions] if plan is not None else []
+                media["precision/loss_scale_chart"] = loss_scale_chart(monitor.scale_history, promotions)
             if monitor.layer_absmax:
                 media["precision/layer_absmax"] = layer_table(monitor.layer_absmax)
         for logger in loggers:
@@ -48,9 +56,11 @@ class WandbRunSummary(pl.Callback):
                 logger.experiment.summary.update(summary)
 
 
-def loss_scale_chart(history: list[tuple[int, float, int]]) -> Any:
+def loss_scale_chart(history: list[tuple[int, float, int]], promotions: list[int] | None = None) -> Any:
     """A W&B line-series panel: the loss scale (a step function, only its changes stored) and, as a second
-    series, a spike from 0 to the scale at every overflow step (a skipped step), flat 0 in between."""
+    series, a spike from 0 to the scale at every overflow step (a skipped step), flat 0 in between; with
+    ``promotions`` (the advisor's decision steps) a third series spikes to twice the scale where a module was
+    promoted to FP32."""
     import wandb
 
     xs, ys = [], []
@@ -70,10 +80,20 @@ def loss_scale_chart(history: list[tuple[int, float, int]]) -> Any:
             spike_y += [0.0, before, 0.0]
     spike_x.append(last)
     spike_y.append(0.0)
+    series_x, series_y, keys = [xs, spike_x], [ys, spike_y], ["loss scale", "overflow (step skipped)"]
+    if promotions:
+        scale_at = dict((step, scale) for step, scale, _ in history)
+        px, py = [first], [0.0]
+        for step in promotions:
+            px += [step, step, step]
+            py += [0.0, 2 * scale_at.get(step, max(ys)), 0.0]
+        series_x.append(px + [last])
+        series_y.append(py + [0.0])
+        keys.append("module promoted to FP32")
     return wandb.plot.line_series(
-        xs=[xs, spike_x],
-        ys=[ys, spike_y],
-        keys=["loss scale", "overflow (step skipped)"],
+        xs=series_x,
+        ys=series_y,
+        keys=keys,
         title="Loss scale; spikes mark overflow steps",
         xname="trainer/global_step",
     )
@@ -87,3 +107,18 @@ def layer_table(layer_absmax: dict[str, tuple[float, float]]) -> Any:
         headroom = math.log2(FP16_MAX / act) if act > 0 else math.inf
         rows.append([name, act, grad, headroom])
     return wandb.Table(columns=["layer", "act_absmax", "act_grad_absmax", "fp16_headroom_bits"], data=rows)
+
+
+def plan_table(plan: PrecisionPlan) -> Any:
+    """The precision plan as a W&B table: every FP32 module pattern, with the advisor's decision where it made one."""
+    import wandb
+
+    decided = {d.layer: d for d in plan.decisions}
+    rows = []
+    for name in plan.fp32_modules:
+        d = decided.get(name)
+        rows.append([name, "advisor" if d else "config/plan file", *(
+            [d.step, d.where, d.overflows, d.window, d.scale] if d else [None, None, None, None, None]
+        )])  # fmt: skip
+    columns = ["module", "source", "step", "first non-finite in", "overflows", "window", "loss scale"]
+    return wandb.Table(columns=columns, data=rows)
