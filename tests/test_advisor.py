@@ -180,3 +180,19 @@ def test_bfloat16_never_promotes_where_only_fp16_overflows(tmp_path: Path) -> No
     fit(model, prec, 3, tmp_path)
     assert prec.scaler.skipped_steps == 0 and prec.plan.decisions == []
     assert model.hot.gain.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("lr", "low", "high"), [(1e-7, 0.99, 1.0), (1.0, 0.0, 0.25)])
+def test_bfloat16_reports_lost_updates_per_layer(tmp_path: Path, lr: float, low: float, high: float) -> None:
+    class Plain(HotNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(F.relu(self.norm(self.conv(x))).mean((2, 3, 4)))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=lr)
+
+    advisor = PrecisionAdvisor(lost_update_every=2)
+    fit(Plain(), MasterWeightPrecision("bfloat16", advisor=advisor), 4, tmp_path)
+    # BF16 keeps 8 bits: an SGD update of 1e-7 x grad on weights ~0.1 is always lost; at lr 1 most updates show
+    assert set(advisor.lost_updates) == {"conv", "fc"}  # low-precision layers only (the norm is FP32)
+    assert all(low <= share <= high for share in advisor.lost_updates.values()), advisor.lost_updates

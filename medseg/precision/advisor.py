@@ -149,19 +149,55 @@ class PrecisionAdvisor:
     overflows that say nothing about a layer. Forward overflows do not depend on the scale and always count.
     Losses (already FP32) and modules already kept in FP32 are named but never promoted.
 
+    In BF16, where overflows are rare and the risk is updates lost to rounding, every ``lost_update_every``-th
+    step records per module the share of its master elements that the step changed but that the low-precision
+    weight cannot show (``lost_updates``, logged to the console and W&B; promotion stays the overflow rule's).
+
     Args:
         overflows: K, overflows started in a module that promote it.
         window: W, the steps over which they are counted.
         backward_max_scale: the largest loss scale at which backward overflows count.
+        lost_update_every: sample the per-module lost-update share every n optimizer steps (0: never). It
+            copies the low-precision modules' masters once on those steps.
     """
 
-    def __init__(self, overflows: int = 3, window: int = 100, backward_max_scale: float = 128.0) -> None:
-        if overflows < 1 or window < 1:
-            raise ValueError(f"advisor: overflows and window must be >= 1, got {overflows} and {window}")
+    def __init__(
+        self, overflows: int = 3, window: int = 100, backward_max_scale: float = 128.0, lost_update_every: int = 100
+    ) -> None:
+        if overflows < 1 or window < 1 or lost_update_every < 0:
+            raise ValueError(
+                f"advisor: overflows and window must be >= 1 and lost_update_every >= 0, got {overflows}, {window}"
+                f" and {lost_update_every}"
+            )
         self.overflows = overflows
         self.window = window
         self.backward_max_scale = backward_max_scale
+        self.lost_update_every = lost_update_every
         self._seen: dict[str, deque[int]] = {}  # module name -> steps of the overflows it started, in the window
+        self.lost_updates: dict[str, float] = {}  # module name -> lost-update share at the last sampled step
+
+    def samples_lost_updates(self, step: int) -> bool:
+        return self.lost_update_every > 0 and (step + 1) % self.lost_update_every == 0
+
+    @torch.no_grad()
+    def record_lost_updates(
+        self, names: list[str], before: list[Tensor], after: list[Tensor], dtype: torch.dtype
+    ) -> dict[str, float]:
+        """Per module (a parameter name without its last part): of the FP32 master elements this step changed,
+        the share whose update would leave the ``dtype`` weight unchanged. ``before``/``after``: FP32 masters."""
+        changed: dict[str, Tensor] = {}
+        lost: dict[str, Tensor] = {}
+        for name, b, a in zip(names, before, after, strict=True):
+            module = name.rsplit(".", 1)[0]
+            start = b.to(dtype)
+            moved = a != b
+            kept = (start.float() + (a - b)).to(dtype) == start
+            changed[module] = changed.get(module, 0) + moved.sum()
+            lost[module] = lost.get(module, 0) + (moved & kept).sum()
+        counts = torch.stack([torch.stack([changed[m], lost[m]]) for m in changed]).tolist()
+        # modules the step did not move (no gradient) have nothing to lose and are left out
+        self.lost_updates = {m: n_lost / n for m, (n, n_lost) in zip(changed, counts, strict=True) if n}
+        return self.lost_updates
 
     def record(self, culprit: Culprit, step: int, scale: float) -> Decision | None:
         """Count one overflow started in ``culprit`` at ``step``; the decision when it promotes the module."""

@@ -400,6 +400,7 @@ class MasterWeightPrecision(Precision):
                 grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
         self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, then clipping of main_params
+        before = self._lost_update_sample(entry, model)
         torch_optimizer = getattr(optimizer, "_optimizer", optimizer)
         queued = found_inf is not None and _skips_on_device(torch_optimizer)
         if queued:
@@ -427,7 +428,27 @@ class MasterWeightPrecision(Precision):
             self._copy_to_model(entry)
         self.scaler.update(False)
         self._record(overflow=False, grad_norm=grad_norm)
+        if before is not None:
+            self._report_lost_updates(entry, before, model)
         return closure_result
+
+    def _lost_update_sample(self, entry: _Masters, model: "pl.LightningModule") -> list[Tensor] | None:
+        """A copy of the low-precision modules' masters before the step, on the advisor's sampled steps."""
+        if self.advisor is None or model._trainer is None or not entry.low_master:
+            return None
+        if not self.advisor.samples_lost_updates(model.trainer.global_step):
+            return None
+        return [m.detach().clone() for m in entry.low_master]
+
+    def _report_lost_updates(self, entry: _Masters, before: list[Tensor], model: "pl.LightningModule") -> None:
+        assert self.advisor is not None and self._dtype is not None
+        names = [n for n, p, m in zip(entry.names, entry.model_params, entry.master_params, strict=True) if p is not m]
+        shares = self.advisor.record_lost_updates(names, before, entry.low_master, self._dtype)
+        top = sorted(shares.items(), key=lambda kv: -kv[1])[:3]
+        listed = ", ".join(f"{name} {share:.1%}" for name, share in top)
+        rank_zero_only(log.info)(
+            f"precision advisor: step {model.trainer.global_step}: updates lost to {self.dtype_name} rounding: {listed}"
+        )
 
     @staticmethod
     def _copy_to_model(entry: _Masters) -> None:

@@ -39,6 +39,9 @@ class WandbRunSummary(pl.Callback):
         plan = plugin.plan if isinstance(plugin, MasterWeightPrecision) else None
         if plan is not None and plan.fp32_modules:
             media["precision/plan"] = plan_table(plan)
+        if isinstance(plugin, MasterWeightPrecision) and plugin.advisor is not None and plugin.advisor.lost_updates:
+            rows = sorted(plugin.advisor.lost_updates.items(), key=lambda kv: -kv[1])
+            media["precision/lost_updates"] = _table(["module", "lost_update_share"], [list(r) for r in rows])
             summary["summary/fp32_modules"] = len(plan.fp32_modules)
         if monitor is not None:
             summary.update({f"summary/{k}": v for k, v in monitor.totals().items()})
@@ -121,4 +124,10 @@ def plan_table(plan: PrecisionPlan) -> Any:
             [d.step, d.where, d.overflows, d.window, d.scale] if d else [None, None, None, None, None]
         )])  # fmt: skip
     columns = ["module", "source", "step", "first non-finite in", "overflows", "window", "loss scale"]
+    return wandb.Table(columns=columns, data=rows)
+
+
+def _table(columns: list[str], rows: list[list[Any]]) -> Any:
+    import wandb
+
     return wandb.Table(columns=columns, data=rows)
