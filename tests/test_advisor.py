@@ -196,3 +196,24 @@ def test_bfloat16_reports_lost_updates_per_layer(tmp_path: Path, lr: float, low:
     # BF16 keeps 8 bits: an SGD update of 1e-7 x grad on weights ~0.1 is always lost; at lr 1 most updates show
     assert set(advisor.lost_updates) == {"conv", "fc"}  # low-precision layers only (the norm is FP32)
     assert all(low <= share <= high for share in advisor.lost_updates.values()), advisor.lost_updates
+
+
+def test_scale_backoff_is_located_but_promotes_nothing(tiny_cfg, caplog: pytest.LogCaptureFixture) -> None:
+    """The real CLI config on a MONAI UNet in FP16: a 2^24 loss scale overflows the first steps' gradients; each
+    overflow is traced to a module, and none counts (backward, scale > 128), so nothing is promoted."""
+    from medseg.train import train
+
+    cfg = tiny_cfg(
+        "+precision=mixed",
+        "precision.plugin.dtype=float16",
+        "precision.plugin.scaler.init_scale=16777216",
+        "trainer.max_epochs=1",
+        "++trainer.limit_val_batches=0",  # FP16 sliding-window validation is slow on CPU and beside the point
+        "test=false",
+    )
+    with caplog.at_level("INFO", logger="medseg.precision.plugin"):
+        train(cfg)
+    lines = [r.getMessage() for r in caplog.records if "overflowed" in r.getMessage()]
+    assert lines and all(" in net." in line and "forward output" not in line for line in lines), lines
+    plan = load_plan(Path(cfg.paths.output_dir) / PLAN_FILE)
+    assert plan.fp32_modules == [] and plan.decisions == []
