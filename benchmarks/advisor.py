@@ -16,6 +16,7 @@ FP32 (and BF16) hold them. Trained on synthetic spheres in each mode; foreground
 
 import argparse
 import math
+import tempfile
 import time
 from typing import Any
 
@@ -60,7 +61,9 @@ class StepTimes(Callback):
 
 def fit(model: LightningModule, plugin: Any, data: TensorDataset, steps: int, batch: int, **kw: Any) -> Trainer:
     args = {"plugins": [plugin]} if isinstance(plugin, MasterWeightPrecision) else {"precision": plugin}
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, barebones=True, **args, **kw)
+    root = tempfile.mkdtemp(prefix="advisor_bench_")  # precision_plan.yaml lands here, not in the repo
+    kw = {"accelerator": "cpu", "devices": 1, "barebones": True, "default_root_dir": root} | args | kw
+    trainer = Trainer(max_steps=steps, **kw)
     trainer.fit(model, DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0)))
     return trainer
 
