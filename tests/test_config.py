@@ -131,6 +131,8 @@ DELIBERATE = {
     "model/dynunet.yaml:channels_last": "auto: NDHWC on CPU, measured faster there (benchmarks/RESULTS.md)",
     "model/unet.yaml:scheduler.warmup_steps": "a short warm-up for AdamW",
     "model/segresnet.yaml:scheduler.warmup_steps": "a short warm-up for AdamW",
+    "model/unetr.yaml:scheduler.warmup_steps": "a short warm-up for AdamW",
+    "model/swinunetr.yaml:scheduler.warmup_steps": "a short warm-up for AdamW",
     "model/dynunet.yaml:scheduler.warmup_steps": "nnU-Net-style SGD: a longer warm-up",
     "model/dynunet.yaml:scheduler.kind": "nnU-Net's poly schedule",
     "logger/wandb.yaml:wandb.project": "every run lands in the 'medseg' W&B project",
