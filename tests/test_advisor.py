@@ -215,5 +215,4 @@ def test_scale_backoff_is_located_but_promotes_nothing(tiny_cfg, caplog: pytest.
         train(cfg)
     lines = [r.getMessage() for r in caplog.records if "overflowed" in r.getMessage()]
     assert lines and all(" in net." in line and "forward output" not in line for line in lines), lines
-    plan = load_plan(Path(cfg.paths.output_dir) / PLAN_FILE)
-    assert plan.fp32_modules == [] and plan.decisions == []
+    assert not (Path(cfg.paths.output_dir) / PLAN_FILE).exists()  # nothing decided, no plan written

@@ -280,7 +280,7 @@ class MasterWeightPrecision(Precision):
             self.load_state_dict(state)
         if lightning_module is not None and lightning_module._trainer is not None:
             self._plan_dir = Path(lightning_module.trainer.default_root_dir)
-            if self.plan.fp32_modules or self.advisor is not None:
+            if self.plan.fp32_modules:  # an empty plan is not written: runs without a run dir stay clean
                 self._save_plan()
         return model, optimizers, lr_schedulers
 
