@@ -23,6 +23,7 @@ from medseg import CONF_DIR
 from medseg.checkpoint import CheckpointError, load_checkpoint
 from medseg.config_check import ConfigError, check_config, check_output_dir
 from medseg.data.checks import DatasetError
+from medseg.planning.apply import planned_config
 from medseg.precision.plugin import MasterWeightPrecision
 from medseg.reliability.resume import newest_loadable
 from medseg.tracking.loggers import make_loggers, redact
@@ -190,7 +191,7 @@ def main(cfg: DictConfig) -> float | None:
     import wandb
 
     try:
-        optimized = train(cfg)
+        optimized = train(planned_config(cfg))
     except Exception as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             if isinstance(error, INPUT_ERRORS):

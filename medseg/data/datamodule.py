@@ -3,7 +3,7 @@
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -20,6 +20,21 @@ from medseg.data.synthetic import write_synthetic_dataset
 from medseg.data.transforms import augment, preprocess
 
 log = logging.getLogger(__name__)
+
+
+def header_geometry(images: Iterable[str | Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel spacing and shape of each image in RAS axis order (as Orientationd will reorder them), from the
+    headers only (fast). Returns two (N, 3) arrays. Also read by `medseg.planning.fingerprint`."""
+    zooms, shapes = [], []
+    for path in images:
+        img = nib.load(path)
+        axes = nib.orientations.io_orientation(img.affine)[:, 0].astype(int)
+        zoom, shape = np.empty(3), np.empty(3)
+        zoom[axes] = img.header.get_zooms()[:3]
+        shape[axes] = img.shape[:3]
+        zooms.append(zoom)
+        shapes.append(shape)
+    return np.stack(zooms), np.stack(shapes)
 
 
 class MSDDataModule(pl.LightningDataModule):
@@ -128,18 +143,8 @@ class MSDDataModule(pl.LightningDataModule):
         return load_decathlon_datalist(self.root / "dataset.json", data_list_key="training", base_dir=self.root)
 
     def geometry(self) -> tuple[np.ndarray, np.ndarray]:
-        """Voxel spacing and shape of every image in RAS axis order (as Orientationd will reorder them), from
-        the headers only (fast). Returns two (N, 3) arrays."""
-        zooms, shapes = [], []
-        for item in self.datalist():
-            img = nib.load(item["image"])
-            axes = nib.orientations.io_orientation(img.affine)[:, 0].astype(int)
-            zoom, shape = np.empty(3), np.empty(3)
-            zoom[axes] = img.header.get_zooms()[:3]
-            shape[axes] = img.shape[:3]
-            zooms.append(zoom)
-            shapes.append(shape)
-        return np.stack(zooms), np.stack(shapes)
+        """Voxel spacing and shape of every training image: `header_geometry` of the datalist."""
+        return header_geometry(item["image"] for item in self.datalist())
 
     def check_patch_size(self, zooms: np.ndarray, shapes: np.ndarray) -> None:
         """A patch larger than every image (after resampling) on some axis would be mostly padding.

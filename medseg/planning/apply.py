@@ -1,0 +1,66 @@
+"""`plan=auto|none|<file>` inside `python -m medseg.train`: the plan's keys under the command line's.
+
+The plan becomes Hydra overrides placed before the command line's own, and the config is composed again, so
+every key given on the command line wins over the plan, and the plan wins over conf/'s defaults. Only the
+generic `data=msd` is planned: the hand-written presets (data=hippocampus/brats/synthetic, any experiment=)
+keep their values.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from medseg.config_check import ConfigError
+from medseg.planning.auto import plan_dataset
+from medseg.planning.plan_file import plan_overrides, plan_yaml, read_plan
+
+log = logging.getLogger(__name__)
+
+
+def plans_itself(cfg: DictConfig, choices: dict) -> bool:
+    """`plan=auto` plans a user's own folder (`data=msd`), never a preset or an experiment."""
+    return cfg.get("plan") == "auto" and choices.get("data") == "msd" and choices.get("experiment") is None
+
+
+def planned_config(cfg: DictConfig) -> DictConfig:
+    """`cfg` with the plan applied (and the plan saved as `<run dir>/plan.yaml`), or `cfg` itself when nothing
+    is to be planned. Call it inside the running Hydra app (it re-composes `train`)."""
+    hydra_cfg = HydraConfig.get()
+    choice = cfg.get("plan")
+    if choice in (None, "none") or (choice == "auto" and not plans_itself(cfg, hydra_cfg.runtime.choices)):
+        return cfg
+    out = Path(cfg.paths.output_dir) / "plan.yaml"
+    if choice == "auto":
+        if cfg.get("ckpt_path") is not None:
+            raise ConfigError(
+                "plan=auto with ckpt_path: a new plan could change patch and batch; resume with the run's own "
+                "plan, plan=<run dir>/plan.yaml"
+            )
+        budget = cfg.get("plan_budget") or {}
+        accelerator = str(cfg.trainer.get("accelerator", "auto"))
+        device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+        plan = plan_dataset(
+            cfg.data.root,
+            cfg.precision.name if cfg.get("precision") else "fp32",
+            time=budget.get("time", "30m"),
+            memory=budget.get("memory"),
+            step_seconds=budget.get("step_seconds"),
+            device=device,
+            val_fraction=cfg.data.val_fraction,
+        )
+        text = plan_yaml(plan)
+        plan_cfg = OmegaConf.create(yaml.safe_load(text))
+    else:
+        plan_cfg = read_plan(choice)
+        text = Path(choice).expanduser().read_text()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    cli = list(hydra_cfg.overrides.task)
+    overrides = plan_overrides(plan_cfg, cli)
+    log.info("Plan (saved as %s; command-line keys win over it):\n%s", out, text)
+    return compose(config_name=hydra_cfg.job.config_name, overrides=overrides + cli)

@@ -1,0 +1,142 @@
+"""Planning a folder end to end: fingerprint, budgets, the plan, then real steps that check (and correct) it."""
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.config_check import ConfigError
+from medseg.planning.fingerprint import read_fingerprint
+from medseg.planning.measure import measure_steps
+from medseg.planning.planner import (
+    MIN_STEPS,
+    TRAIN_SHARE,
+    Budget,
+    Plan,
+    fit_to_net,
+    low_dtype,
+    make_plan,
+    net_cost,
+    training_length,
+)
+
+log = logging.getLogger(__name__)
+
+GPU_SHARE = 0.85  # of the device's memory: room for the CUDA context, cuDNN workspaces and fragmentation
+RAM_SHARE = 0.5  # of the machine's memory on a CPU: the data loader's workers and caches need the rest
+MAX_CORRECTIONS = 3
+PROBE_SIDE = 48  # calibration patch side (at most): a 48^3 batch-1 step takes about a second on a CPU
+SLACK = 1.25  # a measured step may exceed the step budget by this much before the plan is corrected
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float) -> float:
+    """'30m', '1h30m', '90s', '2h' or a number of seconds -> seconds."""
+    if isinstance(text, int | float):
+        return float(text)
+    parts = re.fullmatch(r"((\d+(\.\d+)?)[smhd])+", str(text).strip())
+    if not parts:
+        raise ConfigError(f"plan: time budget must look like 30m, 1h30m or 90s, got {text!r}")
+    return sum(float(n) * _UNITS[u] for n, _, u in re.findall(r"(\d+(\.\d+)?)([smhd])", str(text)))
+
+
+def parse_bytes(text: str | int) -> int:
+    """'8G', '512M', '24GiB' or a number of bytes -> bytes."""
+    if isinstance(text, int | float):
+        return int(text)
+    match = re.fullmatch(r"(\d+(\.\d+)?)\s*([KMGT]?)(i?B)?", str(text).strip(), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"plan: memory budget must look like 8G or 512M, got {text!r}")
+    return int(float(match[1]) * 1024 ** "_KMGT".index((match[3] or "_").upper()))
+
+
+def default_memory(device: str) -> int:
+    if device == "cuda":
+        return int(torch.cuda.get_device_properties(0).total_memory * GPU_SHARE)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * RAM_SHARE)
+
+
+def make_budget(device: str, time: str | float, memory: str | int | None, step_seconds: float | None) -> Budget:
+    """Budgets with their defaults: the memory share of the device; on a CPU a step time that leaves MIN_STEPS
+    optimizer steps in the time budget (a GPU's step is short enough that memory decides)."""
+    seconds = parse_duration(time)
+    if step_seconds is None and device == "cpu":
+        step_seconds = seconds * TRAIN_SHARE / MIN_STEPS
+    mem = parse_bytes(memory) if memory is not None else default_memory(device)
+    return Budget(memory=mem, time_seconds=seconds, step_seconds=step_seconds)
+
+
+def _measure(plan: Plan, fp, dtype) -> tuple[float, int | None]:
+    try:
+        m = measure_steps(
+            len(fp.modalities), fp.num_classes, plan.patch, plan.spacing, plan.filters, plan.batch, dtype, plan.device
+        )
+    except torch.OutOfMemoryError:
+        return float("inf"), None
+    return m.seconds, m.peak
+
+
+def plan_dataset(
+    root: str | Path,
+    precision: str = "mixed",
+    time: str | float = "30m",
+    memory: str | int | None = None,
+    step_seconds: float | None = None,
+    device: str | None = None,
+    measure: bool = True,
+    val_fraction: float = 0.2,
+) -> Plan:
+    """The plan for `root`. With `measure`, a first step at a small patch calibrates seconds per FLOP, and real
+    steps at the planned patch and batch check it: a plan whose steps run over the step-time budget, or (CUDA)
+    whose peak memory is over the memory budget, is planned again with the correction, and a log line says so."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    budget = make_budget(device, time, memory, step_seconds)
+    fp = read_fingerprint(root)
+    dtype = low_dtype(precision, device)
+    plan = make_plan(fp, precision, budget, device, val_fraction=val_fraction)
+    if not measure:
+        return plan
+    # seconds per FLOP from one batch-1 step at a small patch (cheap even for large images), then refined by
+    # real steps at the planned size
+    small = np.minimum(plan.patch, PROBE_SIDE)
+    probe = fit_to_net(small, plan.spacing, limit=small)
+    probe_cost, filters = net_cost(fp, probe, np.asarray(plan.spacing), dtype, device)
+    probe_time = measure_steps(
+        len(fp.modalities), fp.num_classes, probe.tolist(), plan.spacing, filters, 1, dtype, device
+    ).seconds
+    seconds_per_flop, memory_scale = probe_time / probe_cost.flops, 1.0
+    tried: set[tuple] = set()
+    for attempt in range(MAX_CORRECTIONS + 1):
+        scaled = Budget(int(budget.memory / memory_scale), budget.time_seconds, budget.step_seconds)
+        plan = make_plan(fp, precision, scaled, device, seconds_per_flop, val_fraction)
+        plan.budget = budget
+        if (key := (tuple(plan.patch), plan.batch)) in tried:
+            break  # the correction changed nothing (the smallest patch): keep the last measurement
+        tried.add(key)
+        seconds, peak = _measure(plan, fp, dtype)
+        if peak is not None and peak > budget.memory or not np.isfinite(seconds):
+            log.warning(
+                "plan: patch %s batch %d peaked at %s bytes, over the %d byte memory budget: planning again",
+                plan.patch, plan.batch, peak or "out-of-memory", budget.memory,
+            )  # fmt: skip
+            memory_scale *= peak / plan.memory if peak else 1.5
+            continue
+        measured_spf = seconds / (plan.flops * plan.batch)
+        if budget.step_seconds is not None and seconds > SLACK * budget.step_seconds:
+            log.warning(
+                "plan: patch %s batch %d took %.2f s per step, over the %.2f s step budget: planning again",
+                plan.patch, plan.batch, seconds, budget.step_seconds,
+            )  # fmt: skip
+            seconds_per_flop = measured_spf
+            continue
+        if attempt == 0 and budget.step_seconds is not None and seconds < budget.step_seconds / 2:
+            seconds_per_flop = measured_spf  # the small probe overestimated: use the budget better
+            continue
+        break
+    plan.step_seconds = seconds
+    plan.notes.append(f"measured {seconds:.2f} s per step on {device}")
+    training_length(plan, fp.num_cases, val_fraction)
+    return plan

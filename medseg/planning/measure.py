@@ -1,0 +1,63 @@
+"""A few real training steps at plan time: the step time the training length is computed from, and on CUDA
+the peak memory that checks the meta-device count (`medseg.planning.memory`)."""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from monai.losses import DiceCELoss
+
+from medseg.models.channels_last import to_channels_last
+from medseg.models.dynunet import build_dynunet
+from medseg.models.module import SegmentationModule
+from medseg.precision.convert import to_low_precision
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Seconds of the fastest forward+backward+AdamW step (the least disturbed by other work on the machine);
+    peak bytes allocated on CUDA (None on CPU)."""
+
+    seconds: float
+    peak: int | None
+
+
+def measure_steps(
+    in_channels: int,
+    num_classes: int,
+    patch: Sequence[int],
+    spacing: Sequence[float],
+    filters: Sequence[int],
+    batch: int,
+    low_dtype: torch.dtype | None,
+    device: str = "cpu",
+    steps: int = 2,
+) -> Measured:
+    """Times `steps` steps after one warm-up on random data, with the net laid out as training lays it out
+    (channels-last on CPU, the low dtype with FP32 norms). Raises torch.OutOfMemoryError when it does not fit."""
+    torch.manual_seed(0)
+    net = build_dynunet(in_channels, num_classes, patch, spacing, filters=filters).train().to(device)
+    if device == "cpu":
+        to_channels_last(net)
+    if low_dtype is not None:
+        to_low_precision(net, low_dtype)
+    module = SegmentationModule(net, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), torch.optim.AdamW)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    image = torch.randn(batch, in_channels, *patch, device=device, dtype=low_dtype or torch.float32)
+    if device == "cpu":
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+    label = torch.randint(0, num_classes, (batch, 1, *patch), device=device).float()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        module.compute_loss(net(image), label).backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return Measured(min(times[1:]), peak)

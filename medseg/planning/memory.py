@@ -1,0 +1,77 @@
+"""Memory and compute of one training step, counted without computing: the net runs on the `meta` device.
+
+Autograd's saved tensors are what a training step holds at its peak (the forward's activations, kept for
+backward), so their bytes, counted with `saved_tensors_hooks` as `benchmarks/saved_memory.py` does, are the
+part of the peak that grows with patch and batch. Meta tensors have shapes and dtypes but no data, so a 128^3
+forward costs milliseconds. benchmarks/plan_memory.py checks the model against real peak memory.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from monai.losses import DiceCELoss
+from torch.utils.flop_counter import FlopCounterMode
+
+from medseg.models.dynunet import build_dynunet
+from medseg.models.module import SegmentationModule
+from medseg.precision.convert import to_low_precision
+
+# Bytes per parameter outside the activations: FP32 weights, gradients and AdamW's two moments (16); the low
+# dtype adds low-precision weights and gradients beside the FP32 masters (+4).
+PARAM_BYTES = {None: 16, torch.bfloat16: 20, torch.float16: 20}
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One training step of batch 1 at a patch: `saved` bytes autograd keeps (net and FP32 loss), `fixed`
+    bytes for parameters, gradients and optimizer state, and forward+backward `flops`."""
+
+    saved: int
+    fixed: int
+    flops: int
+
+    def bytes(self, batch: int) -> int:
+        return self.fixed + batch * self.saved
+
+
+def _saved_bytes(fn) -> tuple[object, int]:
+    """Runs `fn()`; returns its result and the bytes of distinct storages autograd saved meanwhile. Storages are
+    told apart by their C++ object (`_cdata`): meta storages all have data_ptr 0."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def step_cost(
+    in_channels: int,
+    num_classes: int,
+    patch: Sequence[int],
+    spacing: Sequence[float],
+    filters: Sequence[int],
+    low_dtype: torch.dtype | None,
+) -> StepCost:
+    """Counts one batch-1 training step of the planned DynUNet (deep supervision, batch Dice + CE loss in
+    FP32 as `SegmentationModule.compute_loss` runs it); `low_dtype` None for FP32, else the plugin's dtype."""
+    with torch.device("meta"):
+        net = build_dynunet(in_channels, num_classes, patch, spacing, filters=filters).train()
+        if low_dtype is not None:
+            to_low_precision(net, low_dtype)
+        module = SegmentationModule(net, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), torch.optim.AdamW)
+        image = torch.empty(1, in_channels, *patch, dtype=low_dtype or torch.float32)
+        label = torch.empty(1, 1, *patch)
+        with FlopCounterMode(display=False) as counter:
+            logits, net_bytes = _saved_bytes(lambda: net(image))
+    # outside the meta device context: MONAI's Dice makes a CPU index tensor (arange(...).tolist())
+    _, loss_bytes = _saved_bytes(lambda: module.compute_loss(logits, label))
+    inputs = image.nbytes + label.nbytes
+    params = sum(p.numel() for p in net.parameters())
+    # backward costs about twice the forward (gradients of inputs and of weights)
+    return StepCost(net_bytes + loss_bytes + inputs, params * PARAM_BYTES[low_dtype], 3 * counter.get_total_flops())

@@ -1,0 +1,115 @@
+"""A plan as a Hydra experiment file (readable, committable, overridable key by key), and back to overrides.
+
+python -m medseg.train plan=<run dir>/plan.yaml           # a saved plan, any key on the command line wins
+python -m medseg.train experiment=<name>                  # the same file copied to conf/experiment/<name>.yaml
+"""
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from medseg.config_check import ConfigError
+from medseg.planning.planner import Plan
+
+
+def _duration(seconds: float) -> str:
+    """`trainer.max_time`'s DD:HH:MM:SS."""
+    s = int(seconds)
+    return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def plan_config(plan: Plan) -> dict:
+    """The keys the plan sets, nested as in conf/train.yaml."""
+    data = {"root": plan.root, "spacing": plan.spacing, "patch_size": plan.patch, "batch_size": plan.batch}
+    data["num_samples"] = 1  # nnU-Net: one patch per image; the batch is the planned number of patches
+    if plan.ct_window is not None:
+        data["ct_window"] = plan.ct_window
+    return {
+        "plan": "none",  # this file is the plan: do not plan again
+        "data": data,
+        "model": {
+            "net": {"filters": plan.filters},
+            "loss": {"batch": True},  # nnU-Net's batch Dice, as both hand-tuned presets use
+            "test_mirror_axes": [0, 1, 2],
+        },
+        "trainer": {
+            **({"max_epochs": plan.epochs} if plan.epochs else {}),
+            "max_time": _duration(plan.budget.time_seconds),
+            "check_val_every_n_epoch": plan.val_every,
+        },
+    }
+
+
+def plan_yaml(plan: Plan) -> str:
+    """The plan file: a header of comments saying what was measured and decided, then the experiment."""
+    gib = 2**30
+    lines = [
+        "# @package _global_",
+        f"# medseg plan for {plan.root}, precision {plan.precision} on {plan.device}",
+        f"# target spacing {plan.spacing} mm; after resampling median shape {plan.median_shape}, "
+        f"smallest {plan.min_shape}",
+        f"# DynUNet strides {plan.strides}",
+        f"# memory: {plan.memory / gib:.2f} GiB per step (meta-device count) of a {plan.budget.memory / gib:.2f} "
+        "GiB budget",
+        f"# time budget {_duration(plan.budget.time_seconds)}; step "
+        + (f"{plan.step_seconds:.2f} s (measured)" if plan.step_seconds else "not measured")
+        + (f", step budget {plan.budget.step_seconds:.2f} s" if plan.budget.step_seconds else "")
+        + f"; {plan.flops * plan.batch / 1e9:.3g} GFLOP per step",
+        *[f"# {note}" for note in plan.notes],
+        "# Train: python -m medseg.train plan=<this file> +precision=" + plan.precision,
+        "defaults:",
+        "  - override /data: msd",
+        "  - override /model: dynunet",
+        "",
+    ]
+    return "\n".join(lines) + yaml.safe_dump(plan_config(plan), default_flow_style=None, sort_keys=False)
+
+
+def _value(value) -> str:
+    """A value as Hydra's override grammar reads it back (strings quoted: paths hold '/', ':' and '.')."""
+    if isinstance(value, list | ListConfig):
+        return "[" + ",".join(_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if value is None:
+        return "null"
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value)).lower()
+    return repr(value)
+
+
+def _leaves(node: DictConfig, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def read_plan(path: str | Path) -> DictConfig:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"plan: no plan file at {path}")
+    plan = OmegaConf.load(path)
+    if not isinstance(plan, DictConfig) or "data" not in plan:
+        raise ConfigError(f"plan: {path} is not a medseg plan (no data: section)")
+    return plan
+
+
+def plan_overrides(plan: DictConfig, cli: list[str]) -> list[str]:
+    """The plan as Hydra overrides, minus what the command line sets: a key (or a group) given there wins, and a
+    model chosen there drops the plan's model keys (they belong to the planned DynUNet)."""
+    given = {o.lstrip("+~").split("=", 1)[0] for o in cli}
+    out = []
+    for entry in plan.get("defaults", []):
+        ((group, choice),) = entry.items()
+        group = group.removeprefix("override /")
+        if group not in given:
+            out.append(f"{group}={choice}")
+    for key, value in _leaves(plan.copy()):
+        if key == "defaults" or key in given or (key.startswith("model.") and "model" in given):
+            continue
+        out.append(f"++{key}={_value(value)}")  # ++: some keys (model.loss.batch) are not in conf/
+    return out

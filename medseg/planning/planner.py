@@ -1,0 +1,245 @@
+"""From a fingerprint and budgets to a plan: target spacing, patch, batch, network and training length.
+
+The rules are nnU-Net's (target spacing, patch shrinking, the 5 % batch cap), with its GPU-memory target
+replaced by budgets: memory for the chosen precision (counted on the meta device, `medseg.planning.memory`) and,
+on a CPU, a time per step, so that a fixed wall-clock budget still buys enough optimizer steps.
+"""
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medseg.config_check import ConfigError
+from medseg.models.dynunet import kernels_and_strides
+from medseg.planning.fingerprint import Fingerprint
+from medseg.planning.memory import StepCost, step_cost
+
+log = logging.getLogger(__name__)
+
+ANISO = 3.0  # nnU-Net's threshold for an anisotropic axis (spacing and voxel count)
+MIN_AXIS = 8  # smallest patch side: one halving down to nnU-Net's 4-voxel bottleneck
+MIN_BATCH = 2  # nnU-Net's floor: instance norm and batch Dice need more than one patch
+DATASET_SHARE = 0.05  # nnU-Net: one batch covers at most 5 % of the dataset's voxels
+MIN_STEPS = 1000  # on CPU the step-time budget is the time budget's training share over this many steps
+TRAIN_SHARE = 0.8  # of the time budget; the rest is validation, the final test pass and start-up
+PRECISIONS = ("fp32", "mixed", "mixed_bf16", "half", "bf16", "amp")
+
+
+def low_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The activation dtype a `conf/precision/<name>` runs in; None for fp32 (`mixed`'s `dtype: auto` is FP16
+    on CUDA and BF16 elsewhere; Lightning's 16-mixed is BF16 autocast on CPU)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"plan: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision in ("mixed_bf16", "bf16") or device != "cuda":
+        return torch.bfloat16
+    return torch.float16
+
+
+def filters_for(num_levels: int, device: str) -> list[int]:
+    """nnU-Net's 32, 64, ... capped at 320 on a GPU; half as wide on a CPU, as both hand-tuned CPU presets are."""
+    base = 32 if device == "cuda" else 16
+    return [min(base * 2**i, 320) for i in range(num_levels)]
+
+
+def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """nnU-Net's rule: the median spacing; but when one axis is both much coarser (> 3x the others' spacing)
+    and much shorter (3x its voxel count < the others'), its 10th percentile, so thick-slice scans are not
+    interpolated down to the few thinnest ones. `spacings`, `shapes`: (N, 3)."""
+    target = np.median(spacings, axis=0)
+    sizes = np.median(shapes, axis=0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(3) if a != worst]
+    if target[worst] > ANISO * target[others].max() and sizes[worst] * ANISO < sizes[others].min():
+        target[worst] = max(np.percentile(spacings[:, worst], 10), target[others].max() + 1e-5)
+    return target
+
+
+def stride_factors(patch: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """Per axis, the product of the DynUNet's strides for this patch: every patch side must be a multiple."""
+    _, strides = kernels_and_strides(patch, spacing)
+    return np.prod(np.asarray(strides), axis=0)
+
+
+def fit_to_net(patch: Sequence[float], spacing: Sequence[float], limit: Sequence[float]) -> np.ndarray:
+    """Each side a multiple of the net's stride product: rounded up (nnU-Net pads the median shape up) where the
+    largest image still holds it (`limit`, the data module refuses a patch larger than every image), else down;
+    never under MIN_AXIS. The net's depth depends on the patch, so this repeats until it settles."""
+    patch, limit = np.maximum(np.round(np.asarray(patch, float)), MIN_AXIS), np.asarray(limit, float)
+    for _ in range(8):
+        factors = stride_factors(patch.astype(int), spacing)
+        up, down = np.ceil(patch / factors) * factors, np.floor(patch / factors) * factors
+        fitted = np.where((up <= limit) | (down < MIN_AXIS), up, down)
+        if np.array_equal(fitted, patch):
+            break
+        patch = fitted
+    return patch.astype(int)
+
+
+@dataclass
+class Budget:
+    """memory: bytes a training step may hold; step_seconds: time per optimizer step (None: no limit);
+    time_seconds: the whole run's wall-clock budget (becomes `trainer.max_time`)."""
+
+    memory: int
+    time_seconds: float
+    step_seconds: float | None = None
+
+
+@dataclass
+class Plan:
+    """What the planner chose and why; `medseg.planning.plan_file` writes it as a Hydra experiment file."""
+
+    root: str
+    precision: str
+    device: str
+    spacing: list[float]
+    median_shape: list[int]
+    min_shape: list[int]
+    patch: list[int]
+    batch: int
+    filters: list[int]
+    strides: list[list[int]]
+    memory: int
+    budget: Budget
+    flops: int
+    ct_window: list[float] | None = None
+    step_seconds: float | None = None
+    epochs: int | None = None  # None: no step time measured; trainer.max_time alone stops the run
+    val_every: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+def net_cost(fp: Fingerprint, patch: np.ndarray, spacing: np.ndarray, dtype, device: str) -> tuple[StepCost, list]:
+    """The batch-1 step cost of the planned net at `patch`, and the net's filters."""
+    _, strides = kernels_and_strides(patch.tolist(), spacing.tolist())
+    filters = filters_for(len(strides), device)
+    return step_cost(len(fp.modalities), fp.num_classes, patch.tolist(), spacing.tolist(), filters, dtype), filters
+
+
+def _can_shrink(patch: np.ndarray, factors: np.ndarray, axis: int, spacing: np.ndarray) -> bool:
+    """One stride product off `axis` keeps it >= MIN_AXIS and the net 3 levels deep (deep supervision)."""
+    smaller = patch.copy()
+    smaller[axis] -= factors[axis]
+    return smaller[axis] >= MIN_AXIS and len(kernels_and_strides(smaller.tolist(), spacing.tolist())[1]) >= 3
+
+
+def choose_patch_and_batch(
+    fp: Fingerprint, spacing: np.ndarray, budget: Budget, dtype, device: str, seconds_per_flop: float | None
+) -> tuple[np.ndarray, int, StepCost]:
+    """nnU-Net's search: start from the median shape (padded to the net), shrink the side that is largest
+    relative to the median shape by one stride product until batch 2 fits the budgets, then grow the batch."""
+    median = np.median(fp.resampled_shapes(spacing), axis=0)
+    limit = np.floor(fp.resampled_shapes(spacing).max(axis=0) + 0.5)
+
+    def in_memory(cost: StepCost, batch: int) -> bool:
+        return cost.bytes(batch) <= budget.memory
+
+    def in_time(cost: StepCost, batch: int) -> bool:
+        if not (seconds_per_flop and budget.step_seconds):
+            return True
+        return cost.flops * batch * seconds_per_flop <= budget.step_seconds
+
+    patch = fit_to_net(median, spacing, limit)
+    cost, _ = net_cost(fp, patch, spacing, dtype, device)
+    while not (in_memory(cost, MIN_BATCH) and in_time(cost, MIN_BATCH)):
+        factors = stride_factors(patch, spacing)
+        shrinkable = np.array([_can_shrink(patch, factors, axis, spacing) for axis in range(3)])
+        if not shrinkable.any():
+            if not in_memory(cost, MIN_BATCH):  # memory is a hard limit, step time a wish
+                raise ConfigError(
+                    f"plan: the smallest patch {patch.tolist()} at batch {MIN_BATCH} needs "
+                    f"{cost.bytes(MIN_BATCH) / 2**30:.2f} GiB, over the memory budget of "
+                    f"{budget.memory / 2**30:.2f} GiB"
+                )
+            log.info("plan: even the smallest patch %s is over the step-time budget; taking it", patch.tolist())
+            break
+        axis = int(np.argmax(np.where(shrinkable, patch / median, -np.inf)))
+        patch[axis] -= factors[axis]
+        patch = fit_to_net(patch, spacing, limit)
+        cost, _ = net_cost(fp, patch, spacing, dtype, device)
+    total_voxels = float(np.prod(fp.resampled_shapes(spacing), axis=1).sum())
+    cap = max(MIN_BATCH, int(DATASET_SHARE * total_voxels / np.prod(patch)))
+    batch = MIN_BATCH
+    while batch < cap and in_memory(cost, batch + 1) and in_time(cost, batch + 1):
+        batch += 1
+    return patch, batch, cost
+
+
+def training_length(plan: Plan, num_cases: int, val_fraction: float) -> None:
+    """Epochs from the measured step time: the training share of the time budget over the steps per epoch,
+    less the sliding-window validation rounds (about 10 per run); `trainer.max_time` stays the hard stop."""
+    num_val = max(1, round(num_cases * val_fraction))
+    steps_per_epoch = max(1, (num_cases - num_val) // plan.batch)
+    if not plan.step_seconds:
+        return
+    step = plan.step_seconds
+    windows = np.prod(np.ceil(np.maximum(np.asarray(plan.median_shape) / np.asarray(plan.patch), 1) * 2 - 1))
+    forward = step / plan.batch / 3  # one patch forward: a third of a step's forward+backward, per patch
+    val_round = num_val * windows * forward
+    test_pass = 8 * val_round  # the final test averages 8 mirrored predictions
+    seconds = plan.budget.time_seconds * TRAIN_SHARE - test_pass - 10 * val_round
+    epochs = int(seconds / (steps_per_epoch * step))
+    plan.epochs = int(np.clip(epochs, 1, 1000))
+    plan.val_every = max(1, math.ceil(plan.epochs / 10))
+
+
+def make_plan(
+    fp: Fingerprint,
+    precision: str,
+    budget: Budget,
+    device: str = "cpu",
+    seconds_per_flop: float | None = None,
+    val_fraction: float = 0.2,
+) -> Plan:
+    """The plan for `fp` at `precision` within `budget`. Low precision never gets less than fp32 would at the
+    same budget: if fp32's patch x batch is larger (batch rounding), that one is taken."""
+    spacing = target_spacing(fp.spacings, fp.shapes)
+    dtype = low_dtype(precision, device)
+    patch, batch, cost = choose_patch_and_batch(fp, spacing, budget, dtype, device, seconds_per_flop)
+    notes = []
+    if dtype is not None:
+        p32, b32, _ = choose_patch_and_batch(fp, spacing, budget, None, device, seconds_per_flop)
+        if np.prod(p32) * b32 > np.prod(patch) * batch:
+            patch, batch = p32, b32
+            cost, _ = net_cost(fp, patch, spacing, dtype, device)
+        gain = np.prod(patch) * batch / (np.prod(p32) * b32)
+        notes.append(
+            f"{precision} ({str(dtype).removeprefix('torch.')} activations): patch x batch {gain:.2f}x fp32's "
+            f"at this budget (fp32 would plan patch {p32.tolist()} batch {b32})"
+        )
+    resampled = fp.resampled_shapes(spacing)
+    _, strides = kernels_and_strides(patch.tolist(), spacing.tolist())
+    if len(strides) < 3:  # DynUNet's deep supervision needs two downsamplings
+        raise ConfigError(
+            f"plan: images of {resampled.max(axis=0).round().tolist()} voxels are too small for a 3D U-Net"
+        )
+    ct_window = None
+    if fp.is_ct:
+        ct_window = [round(fp.intensity[0]["p00_5"], 1), round(fp.intensity[0]["p99_5"], 1)]
+    plan = Plan(
+        root=str(fp.root.resolve()),
+        precision=precision,
+        device=device,
+        spacing=[round(float(s), 4) for s in spacing],
+        median_shape=np.median(resampled, axis=0).round().astype(int).tolist(),
+        min_shape=resampled.min(axis=0).round().astype(int).tolist(),
+        patch=patch.tolist(),
+        batch=int(batch),
+        filters=filters_for(len(strides), device),
+        strides=strides,
+        memory=cost.bytes(batch),
+        budget=budget,
+        flops=cost.flops,
+        ct_window=ct_window,
+        notes=notes,
+    )
+    if seconds_per_flop:
+        plan.step_seconds = cost.flops * batch * seconds_per_flop
+    training_length(plan, fp.num_cases, val_fraction)
+    return plan
