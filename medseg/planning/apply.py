@@ -41,7 +41,7 @@ def planned_config(cfg: DictConfig) -> DictConfig:
                 "plan=auto with ckpt_path: a new plan could change patch and batch; resume with the run's own "
                 "plan, plan=<run dir>/plan.yaml"
             )
-        budget = cfg.get("plan_budget") or {}
+        budget = cfg.get("planner") or {}
         accelerator = str(cfg.trainer.get("accelerator", "auto"))
         device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         plan = plan_dataset(
@@ -51,6 +51,7 @@ def planned_config(cfg: DictConfig) -> DictConfig:
             memory=budget.get("memory"),
             step_seconds=budget.get("step_seconds"),
             device=device,
+            measure=budget.get("measure", True),
             val_fraction=cfg.data.val_fraction,
         )
         text = plan_yaml(plan)
