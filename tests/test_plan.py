@@ -25,7 +25,7 @@ from medseg.planning.auto import parse_bytes, parse_duration, plan_dataset
 from medseg.planning.fingerprint import read_fingerprint
 from medseg.planning.memory import step_cost
 from medseg.planning.plan_file import plan_yaml
-from medseg.planning.planner import MIN_AXIS, Budget, make_plan, stride_factors, target_spacing
+from medseg.planning.planner import MIN_AXIS, TIME_FLOOR, Budget, make_plan, stride_factors, target_spacing
 
 from .helpers import output, run_cli
 
@@ -112,6 +112,18 @@ def test_mixed_gets_more_than_fp32_when_memory_binds(dataset):
     assert voxels["fp32"] < voxels["roomy"], voxels  # the budget really binds (else the comparison says nothing)
     assert voxels["mixed"] > voxels["fp32"], voxels
     assert "fp32 would plan" in mixed.notes[0]
+
+
+def test_step_time_budget_shrinks_the_patch_down_to_its_floor(dataset):
+    """An impossible step time (1 s per FLOP, 1 ns budget) shrinks to batch 2 and half the median shape per side,
+    no further: memory is a hard limit, step time is not."""
+    _, root = dataset
+    fp = read_fingerprint(root)
+    roomy = make_plan(fp, "mixed", Budget(memory=2**40, time_seconds=600))
+    hurried = make_plan(fp, "mixed", Budget(memory=2**40, time_seconds=600, step_seconds=1e-9), seconds_per_flop=1.0)
+    floor = np.minimum(roomy.patch, TIME_FLOOR * np.asarray(roomy.median_shape))
+    assert hurried.batch == 2 and (np.asarray(hurried.patch) >= floor).all(), (hurried.patch, floor)
+    assert np.prod(hurried.patch) <= np.prod(roomy.patch)
 
 
 def test_anisotropic_axis_keeps_thick_slices(tmp_path):

@@ -12,6 +12,7 @@ from medseg.config_check import ConfigError
 from medseg.planning.fingerprint import read_fingerprint
 from medseg.planning.measure import measure_steps
 from medseg.planning.planner import (
+    MIN_BATCH,
     MIN_STEPS,
     TRAIN_SHARE,
     Budget,
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 GPU_SHARE = 0.85  # of the device's memory: room for the CUDA context, cuDNN workspaces and fragmentation
 RAM_SHARE = 0.5  # of the machine's memory on a CPU: the data loader's workers and caches need the rest
 MAX_CORRECTIONS = 3
-PROBE_SIDE = 48  # calibration patch side (at most): a 48^3 batch-1 step takes about a second on a CPU
+PROBE_VOXELS = 96**3  # calibration patch size (at most): a few seconds a step on a CPU
 SLACK = 1.25  # a measured step may exceed the step budget by this much before the plan is corrected
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -99,24 +100,26 @@ def plan_dataset(
     plan = make_plan(fp, precision, budget, device, val_fraction=val_fraction)
     if not measure:
         return plan
-    # seconds per FLOP from one batch-1 step at a small patch (cheap even for large images), then refined by
-    # real steps at the planned size
-    small = np.minimum(plan.patch, PROBE_SIDE)
-    probe = fit_to_net(small, plan.spacing, limit=small)
+    # seconds per FLOP from real steps at batch 2 of the memory plan's patch, scaled down to PROBE_VOXELS: a CPU
+    # runs small convolutions at far fewer FLOP/s than large ones, so a probe much smaller than the plan would
+    # make it shrink too far; from above, each correction measures a patch larger than the next one
+    scale = min(1.0, (PROBE_VOXELS / np.prod(plan.patch)) ** (1 / 3))
+    probe = fit_to_net(np.asarray(plan.patch) * scale, plan.spacing, limit=plan.patch)
     probe_cost, filters = net_cost(fp, probe, np.asarray(plan.spacing), dtype, device)
     probe_time = measure_steps(
-        len(fp.modalities), fp.num_classes, probe.tolist(), plan.spacing, filters, 1, dtype, device
+        len(fp.modalities), fp.num_classes, probe.tolist(), plan.spacing, filters, MIN_BATCH, dtype, device
     ).seconds
-    seconds_per_flop, memory_scale = probe_time / probe_cost.flops, 1.0
-    tried: set[tuple] = set()
-    for attempt in range(MAX_CORRECTIONS + 1):
+    seconds_per_flop, memory_scale = probe_time / (probe_cost.flops * MIN_BATCH), 1.0
+    tried: dict[tuple, float] = {}
+    for _ in range(MAX_CORRECTIONS + 1):
         scaled = Budget(int(budget.memory / memory_scale), budget.time_seconds, budget.step_seconds)
         plan = make_plan(fp, precision, scaled, device, seconds_per_flop, val_fraction)
         plan.budget = budget
         if (key := (tuple(plan.patch), plan.batch)) in tried:
-            break  # the correction changed nothing (the smallest patch): keep the last measurement
-        tried.add(key)
+            seconds = tried[key]
+            break  # the correction changed nothing (e.g. already the smallest patch)
         seconds, peak = _measure(plan, fp, dtype)
+        tried[key] = seconds
         if peak is not None and peak > budget.memory or not np.isfinite(seconds):
             log.warning(
                 "plan: patch %s batch %d peaked at %s bytes, over the %d byte memory budget: planning again",
@@ -131,9 +134,6 @@ def plan_dataset(
                 plan.patch, plan.batch, seconds, budget.step_seconds,
             )  # fmt: skip
             seconds_per_flop = measured_spf
-            continue
-        if attempt == 0 and budget.step_seconds is not None and seconds < budget.step_seconds / 2:
-            seconds_per_flop = measured_spf  # the small probe overestimated: use the budget better
             continue
         break
     plan.step_seconds = seconds

@@ -20,6 +20,10 @@ from medseg.precision.convert import to_low_precision
 # Bytes per parameter outside the activations: FP32 weights, gradients and AdamW's two moments (16); the low
 # dtype adds low-precision weights and gradients beside the FP32 masters (+4).
 PARAM_BYTES = {None: 16, torch.bfloat16: 20, torch.float16: 20}
+# Real peaks exceed the saved tensors: backward holds activation gradients beside them, and the allocator and
+# oneDNN keep scratch. Measured on a CPU (benchmarks/plan_memory.py, DynUNet 32-96^3, fp32 and bf16; RESULTS.md):
+# peak RSS = 1.23-1.76x the saved bytes, within 1.35x + 64 MiB at every size.
+OVERHEAD, OVERHEAD_BYTES = 1.35, 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,8 @@ class StepCost:
     flops: int
 
     def bytes(self, batch: int) -> int:
-        return self.fixed + batch * self.saved
+        """Expected peak memory of a step at `batch`."""
+        return int(OVERHEAD * (self.fixed + batch * self.saved)) + OVERHEAD_BYTES
 
 
 def _saved_bytes(fn) -> tuple[object, int]:

@@ -51,7 +51,8 @@ def plan_yaml(plan: Plan) -> str:
         f"# target spacing {plan.spacing} mm; after resampling median shape {plan.median_shape}, "
         f"smallest {plan.min_shape}",
         f"# DynUNet strides {plan.strides}",
-        f"# memory: {plan.memory / gib:.2f} GiB per step (meta-device count) of a {plan.budget.memory / gib:.2f} "
+        f"# memory: {plan.memory / gib:.2f} GiB per step (meta-device count x1.35 + 64 MiB) of a "
+        f"{plan.budget.memory / gib:.2f} "
         "GiB budget",
         f"# time budget {_duration(plan.budget.time_seconds)}; step "
         + (f"{plan.step_seconds:.2f} s (measured)" if plan.step_seconds else "not measured")

@@ -22,10 +22,15 @@ log = logging.getLogger(__name__)
 
 ANISO = 3.0  # nnU-Net's threshold for an anisotropic axis (spacing and voxel count)
 MIN_AXIS = 8  # smallest patch side: one halving down to nnU-Net's 4-voxel bottleneck
+# A patch shrinks for the step-time budget only down to this share of the median shape per side (memory has no
+# floor): nnU-Net's patches never shrink for time, and a patch much smaller than the structure loses its context.
+TIME_FLOOR = 0.5
 MIN_BATCH = 2  # nnU-Net's floor: instance norm and batch Dice need more than one patch
 DATASET_SHARE = 0.05  # nnU-Net: one batch covers at most 5 % of the dataset's voxels
 MIN_STEPS = 1000  # on CPU the step-time budget is the time budget's training share over this many steps
-TRAIN_SHARE = 0.8  # of the time budget; the rest is validation, the final test pass and start-up
+TRAIN_SHARE = 0.9  # of the time budget; the rest is start-up (planning, caching) and slack
+VAL_SHARE = 0.25  # at most this share of the time budget goes to validation and the final test pass
+VAL_ROUNDS = 10  # validation rounds per run (trainer.check_val_every_n_epoch follows)
 PRECISIONS = ("fp32", "mixed", "mixed_bf16", "half", "bf16", "amp")
 
 
@@ -150,6 +155,8 @@ def choose_patch_and_batch(
     while not (in_memory(cost, MIN_BATCH) and in_time(cost, MIN_BATCH)):
         factors = stride_factors(patch, spacing)
         shrinkable = np.array([_can_shrink(patch, factors, axis, spacing) for axis in range(3)])
+        if in_memory(cost, MIN_BATCH):  # only the step time is over: context matters more than the step count
+            shrinkable &= patch - factors >= TIME_FLOOR * median
         if not shrinkable.any():
             if not in_memory(cost, MIN_BATCH):  # memory is a hard limit, step time a wish
                 raise ConfigError(
@@ -157,7 +164,7 @@ def choose_patch_and_batch(
                     f"{cost.bytes(MIN_BATCH) / 2**30:.2f} GiB, over the memory budget of "
                     f"{budget.memory / 2**30:.2f} GiB"
                 )
-            log.info("plan: even the smallest patch %s is over the step-time budget; taking it", patch.tolist())
+            log.info("plan: patch %s is over the step-time budget, but no smaller for time alone", patch.tolist())
             break
         axis = int(np.argmax(np.where(shrinkable, patch / median, -np.inf)))
         patch[axis] -= factors[axis]
@@ -172,21 +179,24 @@ def choose_patch_and_batch(
 
 
 def training_length(plan: Plan, num_cases: int, val_fraction: float) -> None:
-    """Epochs from the measured step time: the training share of the time budget over the steps per epoch,
-    less the sliding-window validation rounds (about 10 per run); `trainer.max_time` stays the hard stop."""
-    num_val = max(1, round(num_cases * val_fraction))
-    steps_per_epoch = max(1, (num_cases - num_val) // plan.batch)
+    """Epochs from the measured step time: what the time budget leaves after start-up, the final (8x mirrored)
+    test pass and up to VAL_ROUNDS sliding-window validation rounds (fewer when they would take over
+    VAL_SHARE of the budget), over the time of one epoch; `trainer.max_time` stays the hard stop."""
     if not plan.step_seconds:
         return
-    step = plan.step_seconds
-    windows = np.prod(np.ceil(np.maximum(np.asarray(plan.median_shape) / np.asarray(plan.patch), 1) * 2 - 1))
-    forward = step / plan.batch / 3  # one patch forward: a third of a step's forward+backward, per patch
+    num_val = max(1, round(num_cases * val_fraction))
+    steps_per_epoch = max(1, (num_cases - num_val) // plan.batch)
+    halves = np.maximum(np.asarray(plan.median_shape) / np.asarray(plan.patch), 1)
+    windows = np.prod(np.ceil(halves * 2 - 1))  # overlap 0.5
+    forward = plan.step_seconds / plan.batch / 3  # one patch's forward: a third of its forward+backward
     val_round = num_val * windows * forward
-    test_pass = 8 * val_round  # the final test averages 8 mirrored predictions
-    seconds = plan.budget.time_seconds * TRAIN_SHARE - test_pass - 10 * val_round
-    epochs = int(seconds / (steps_per_epoch * step))
-    plan.epochs = int(np.clip(epochs, 1, 1000))
-    plan.val_every = max(1, math.ceil(plan.epochs / 10))
+    test_pass = 8 * val_round
+    rounds = int(np.clip((VAL_SHARE * plan.budget.time_seconds - test_pass) // max(val_round, 1e-9), 1, VAL_ROUNDS))
+    seconds = plan.budget.time_seconds * TRAIN_SHARE - min(
+        test_pass + rounds * val_round, VAL_SHARE * plan.budget.time_seconds
+    )
+    plan.epochs = int(np.clip(seconds / (steps_per_epoch * plan.step_seconds), 1, 1000))
+    plan.val_every = max(1, math.ceil(plan.epochs / rounds))
 
 
 def make_plan(
