@@ -72,3 +72,13 @@ def test_predict_benchmark_prints_time_and_memory_ratios(capsys) -> None:
     fp32, bf16 = rows
     assert (fp32["mode"], bf16["mode"]) == ("fp32", "bf16") and fp32["speedup"] == 1.0
     assert bf16["seconds"] > 0 and bf16["peak_mib"] > 0 and bf16["mem_ratio"] > 0
+
+
+def test_plan_memory_compares_the_model_with_a_real_peak(capsys) -> None:
+    plan_memory = _script("plan_memory")
+    rows = plan_memory.main(["--patch", "16", "--batch", "1", "--device", "cpu"])
+    header = "| patch | batch | precision | model MiB | measured MiB | measured / model | step s |"
+    assert header in capsys.readouterr().out
+    assert [r["precision"] for r in rows] == ["fp32", "mixed"]
+    assert all(r["measured MiB"] > 0 and r["step s"] > 0 for r in rows), rows
+    assert rows[1]["model MiB"] < rows[0]["model MiB"]  # BF16 activations: a smaller count at the same size
