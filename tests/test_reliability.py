@@ -16,15 +16,21 @@ from medseg.train import train
 from .helpers import TINY, TINY_UNET, on_dataset, run_cli
 
 
-def test_nan_input_stops_the_run_naming_step_and_checkpoint(tmp_path, tiny_cfg, caplog):
-    """NaN voxels (data checks switched off) make every step's gradients NaN: the plugin skips them, then stops
-    after max_consecutive_skips instead of training on, and the log names the last good checkpoint."""
+def _nan_dataset(tmp_path):
+    """4 synthetic cases with a 4^3 block of NaN voxels in every image (the data checks would refuse them)."""
     root = write_synthetic_dataset(tmp_path / "nan", num_cases=4, min_size=32, max_size=34)
     for path in sorted((root / "imagesTr").glob("*.nii.gz")):
         img = nib.load(path)
         data = np.asarray(img.dataobj).copy()
         data[5:9, 5:9, 5:9] = np.nan
         nib.save(nib.Nifti1Image(data, img.affine), path)
+    return root
+
+
+def test_nan_input_stops_the_run_naming_step_and_checkpoint(tmp_path, tiny_cfg, caplog):
+    """NaN voxels (data checks switched off) make every step's gradients NaN: the plugin skips them, then stops
+    after max_consecutive_skips instead of training on, and the log names the last good checkpoint."""
+    root = _nan_dataset(tmp_path)
     cfg = tiny_cfg(f"data.root={root}", "data.validate=false", "data.val_fraction=0.25", "data.batch_size=1",
                    "+precision=mixed", "precision.plugin.max_consecutive_skips=3", "trainer.max_epochs=5")  # fmt: skip
     with pytest.raises(RuntimeError, match=r"global step \d+: 3 steps in a row were skipped"):
@@ -153,12 +159,7 @@ def test_nan_loss_stops_every_precision(precision, tmp_path, tiny_cfg, caplog):
     """Lightning's own precisions train on through NaN; NonFiniteLossGuard skips those updates (the recovery
     checkpoint written meanwhile keeps finite weights) and stops as the mixed plugin does, naming the step and
     the last good checkpoint."""
-    root = write_synthetic_dataset(tmp_path / "nan", num_cases=4, min_size=32, max_size=34)
-    for path in sorted((root / "imagesTr").glob("*.nii.gz")):
-        img = nib.load(path)
-        data = np.asarray(img.dataobj).copy()
-        data[5:9, 5:9, 5:9] = np.nan
-        nib.save(nib.Nifti1Image(data, img.affine), path)
+    root = _nan_dataset(tmp_path)
     cfg = tiny_cfg(f"data.root={root}", "data.validate=false", "data.val_fraction=0.25", "data.batch_size=1",
                    f"+precision={precision}", "callbacks.nonfinite_guard.max_consecutive_skips=3",
                    "callbacks.recovery_checkpoint.train_time_interval=null",
