@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> Path:
         "--memory-budget", default=None, help="bytes a step may hold: 8G, 512M (default: the device's share)"
     )
     parser.add_argument(
-        "--step-time", type=float, default=None, help="seconds per step (default on CPU: budget / 1000)"
+        "--patch-time",
+        type=float,
+        default=None,
+        help="training seconds per patch (default on CPU: the budget over 100 patches per training case)",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--no-measure", action="store_true", help="skip the real steps (no step time, no epochs)")
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> Path:
             args.precision,
             time=args.time_budget,
             memory=args.memory_budget,
-            step_seconds=args.step_time,
+            patch_seconds=args.patch_time,
             device=args.device,
             measure=not args.no_measure,
         )

@@ -25,7 +25,18 @@ from medseg.planning.auto import parse_bytes, parse_duration, plan_dataset
 from medseg.planning.fingerprint import read_fingerprint
 from medseg.planning.memory import step_cost
 from medseg.planning.plan_file import plan_yaml
-from medseg.planning.planner import MIN_AXIS, TIME_FLOOR, Budget, make_plan, stride_factors, target_spacing
+from medseg.planning.planner import (
+    MAX_COARSEN,
+    MIN_AXIS,
+    TIME_FLOOR,
+    Budget,
+    choose_patch_and_batch,
+    coarser,
+    deep_enough,
+    make_plan,
+    stride_factors,
+    target_spacing,
+)
 
 from .helpers import output, run_cli
 
@@ -114,16 +125,52 @@ def test_mixed_gets_more_than_fp32_when_memory_binds(dataset):
     assert "fp32 would plan" in mixed.notes[0]
 
 
-def test_step_time_budget_shrinks_the_patch_down_to_its_floor(dataset):
-    """An impossible step time (1 s per FLOP, 1 ns budget) shrinks to batch 2 and half the median shape per side,
-    no further: memory is a hard limit, step time is not."""
+def test_time_budget_shrinks_the_patch_to_its_floor_then_coarsens_the_spacing(dataset):
+    """An impossible time per patch (1 s per FLOP, 1 ns budget) shrinks to batch 2 and half the median shape per
+    side, no further, then coarsens the spacing (nnU-Net's low-resolution stage) for MAX_COARSEN rounds and says
+    so; memory is a hard limit, time is not. A budget the full-resolution floor meets keeps the spacing."""
     _, root = dataset
     fp = read_fingerprint(root)
     roomy = make_plan(fp, "mixed", Budget(memory=2**40, time_seconds=600))
-    hurried = make_plan(fp, "mixed", Budget(memory=2**40, time_seconds=600, step_seconds=1e-9), seconds_per_flop=1.0)
-    floor = np.minimum(roomy.patch, TIME_FLOOR * np.asarray(roomy.median_shape))
+    hurried = make_plan(fp, "mixed", Budget(memory=2**40, time_seconds=600, patch_seconds=1e-9), seconds_per_flop=1.0)
+    spacing = np.asarray(roomy.spacing)
+    for _ in range(MAX_COARSEN):  # as far as the net keeps 3 levels at the median shape
+        if not deep_enough(fp, coarser(spacing)):
+            break
+        spacing = coarser(spacing)
+    assert hurried.spacing == pytest.approx(spacing.tolist(), rel=1e-3)
+    if hurried.spacing != roomy.spacing:
+        assert any(note.startswith("low resolution") for note in hurried.notes), hurried.notes
+    # at the coarse spacing, the patch stops at the floor
+    start, _, _, on_time = choose_patch_and_batch(fp, spacing, Budget(2**40, 600), torch.bfloat16, "cpu", None)
+    floor = np.minimum(start, TIME_FLOOR * np.asarray(hurried.median_shape))
     assert hurried.batch == 2 and (np.asarray(hurried.patch) >= floor).all(), (hurried.patch, floor)
-    assert np.prod(hurried.patch) <= np.prod(roomy.patch)
+    # a budget the full-resolution patch meets (1 s per FLOP, as many seconds as it has FLOPs): no coarsening
+    met = make_plan(fp, "mixed", Budget(2**40, 600, patch_seconds=float(roomy.flops)), seconds_per_flop=1.0)
+    assert met.spacing == roomy.spacing and met.patch == roomy.patch
+    assert not any("low resolution" in n for n in met.notes)
+
+
+def test_coarser_makes_anisotropic_spacing_less_so():
+    assert coarser(np.array([0.8, 0.8, 5.0])) == pytest.approx([1.0, 1.0, 5.0])
+    assert coarser(np.array([4.5, 4.5, 5.0])) == pytest.approx([5.0, 5.0, 5.0])
+    assert coarser(np.array([2.0, 2.0, 2.0])) == pytest.approx([2.5, 2.5, 2.5])
+
+
+def test_shapes_are_measured_after_cropping_to_the_nonzero_region(tmp_path):
+    """Images with a zero border (as a skull-stripped brain MRI in its field of view): the data module crops it
+    away, so the fingerprint's median shape, and the patch, follow the cropped region, not the header."""
+    root = write_msd(tmp_path / "Task_pad", [(32, 40, 24)] * 4, [(1.0, 1.0, 1.0)] * 4)
+    for path in sorted((root / "imagesTr").glob("*.nii.gz")) + sorted((root / "labelsTr").glob("*.nii.gz")):
+        img = nib.load(path)
+        padded = np.pad(np.asanyarray(img.dataobj), ((16, 16), (8, 32), (0, 24)))
+        nib.save(nib.Nifti1Image(padded, img.affine), path)
+    fp = read_fingerprint(root)
+    assert fp.shapes[0].tolist() == [64, 80, 48]
+    # the synthetic volumes are nonzero almost everywhere (noise), so the crop is about the unpadded size
+    assert fp.crop == pytest.approx([32 / 64, 40 / 80, 24 / 48], abs=0.05), fp.crop
+    plan = make_plan(fp, "mixed", Budget(memory=2**40, time_seconds=600))
+    assert plan.median_shape == pytest.approx([32, 40, 24], abs=2) and max(plan.patch) <= 48, plan
 
 
 def test_anisotropic_axis_keeps_thick_slices(tmp_path):
@@ -203,7 +250,7 @@ def test_plan_file_round_trip(plan_file, tmp_path):
         for key, value in written[section].items():
             assert cfg[section][key] == value, f"{section}.{key}"
     assert list(cfg.model.net.filters) == written["model"]["net"]["filters"] and cfg.model.loss.batch is True
-    assert (tmp_path / "plan.yaml").read_text() == path.read_text()  # the run directory keeps the plan it ran
+    assert (tmp_path / "training_plan.yaml").read_text() == path.read_text()  # the run directory keeps the plan it ran
 
 
 def test_plan_file_is_an_experiment(plan_file, tmp_path):
@@ -233,14 +280,14 @@ def test_command_line_wins_over_the_plan(plan_file, tmp_path):
 )
 def test_presets_are_not_planned(overrides, tmp_path):
     before, after = _planned(overrides, tmp_path)
-    assert after == before and not (tmp_path / "plan.yaml").exists()
+    assert after == before and not (tmp_path / "training_plan.yaml").exists()
 
 
 def test_plan_auto_plans_a_generic_folder(plan_file, tmp_path):
     root = yaml.safe_load(plan_file[0].read_text())["data"]["root"]
     base = ["data=msd", f"data.root={root}", "planner.measure=false", "planner.memory=200M", "+precision=mixed"]
     _, cfg = _planned([*base, "data.patch_size=[16,16,16]"], tmp_path)
-    saved = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    saved = yaml.safe_load((tmp_path / "training_plan.yaml").read_text())
     assert list(cfg.data.patch_size) == [16, 16, 16] != saved["data"]["patch_size"]  # the command line won
     assert cfg.data.batch_size == saved["data"]["batch_size"] and cfg.plan == "none"
     assert cfg.model.net._target_ == "medseg.models.dynunet.build_dynunet"
@@ -268,7 +315,7 @@ def test_train_plans_measures_and_trains_a_new_folder(tmp_path):
         "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null", timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, output(result)
-    (plan,) = (tmp_path / "logs").glob("train/runs/*/plan.yaml")
+    (plan,) = (tmp_path / "logs").glob("train/runs/*/training_plan.yaml")
     written = yaml.safe_load(plan.read_text())
     assert "measured" in plan.read_text() and written["trainer"]["max_time"] == "00:00:01:00"
     assert written["trainer"]["max_epochs"] >= 1

@@ -28,18 +28,18 @@ def plans_itself(cfg: DictConfig, choices: dict) -> bool:
 
 
 def planned_config(cfg: DictConfig) -> DictConfig:
-    """`cfg` with the plan applied (and the plan saved as `<run dir>/plan.yaml`), or `cfg` itself when nothing
+    """`cfg` with the plan applied (and the plan saved as `<run dir>/training_plan.yaml`), or `cfg` itself when nothing
     is to be planned. Call it inside the running Hydra app (it re-composes `train`)."""
     hydra_cfg = HydraConfig.get()
     choice = cfg.get("plan")
     if choice in (None, "none") or (choice == "auto" and not plans_itself(cfg, hydra_cfg.runtime.choices)):
         return cfg
-    out = Path(cfg.paths.output_dir) / "plan.yaml"
+    out = Path(cfg.paths.output_dir) / "training_plan.yaml"
     if choice == "auto":
         if cfg.get("ckpt_path") is not None:
             raise ConfigError(
                 "plan=auto with ckpt_path: a new plan could change patch and batch; resume with the run's own "
-                "plan, plan=<run dir>/plan.yaml"
+                "plan, plan=<run dir>/training_plan.yaml"
             )
         budget = cfg.get("planner") or {}
         accelerator = str(cfg.trainer.get("accelerator", "auto"))
@@ -49,7 +49,7 @@ def planned_config(cfg: DictConfig) -> DictConfig:
             cfg.precision.name if cfg.get("precision") else "fp32",
             time=budget.get("time", "30m"),
             memory=budget.get("memory"),
-            step_seconds=budget.get("step_seconds"),
+            patch_seconds=budget.get("patch_seconds"),
             device=device,
             measure=budget.get("measure", True),
             val_fraction=cfg.data.val_fraction,

@@ -13,7 +13,7 @@ from medseg.planning.fingerprint import read_fingerprint
 from medseg.planning.measure import measure_steps
 from medseg.planning.planner import (
     MIN_BATCH,
-    MIN_STEPS,
+    PATCHES_PER_CASE,
     TRAIN_SHARE,
     Budget,
     Plan,
@@ -30,7 +30,7 @@ GPU_SHARE = 0.85  # of the device's memory: room for the CUDA context, cuDNN wor
 RAM_SHARE = 0.5  # of the machine's memory on a CPU: the data loader's workers and caches need the rest
 MAX_CORRECTIONS = 3
 PROBE_VOXELS = 96**3  # calibration patch size (at most): a few seconds a step on a CPU
-SLACK = 1.25  # a measured step may exceed the step budget by this much before the plan is corrected
+SLACK = 1.25  # a measured patch may exceed the time budget per patch by this much before the plan is corrected
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -60,14 +60,16 @@ def default_memory(device: str) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * RAM_SHARE)
 
 
-def make_budget(device: str, time: str | float, memory: str | int | None, step_seconds: float | None) -> Budget:
-    """Budgets with their defaults: the memory share of the device; on a CPU a step time that leaves MIN_STEPS
-    optimizer steps in the time budget (a GPU's step is short enough that memory decides)."""
+def make_budget(
+    device: str, time: str | float, memory: str | int | None, patch_seconds: float | None, train_cases: int
+) -> Budget:
+    """Budgets with their defaults: the memory share of the device; on a CPU a time per patch that lets the
+    budget draw PATCHES_PER_CASE patches from each of the `train_cases` (a GPU is fast enough that memory decides)."""
     seconds = parse_duration(time)
-    if step_seconds is None and device == "cpu":
-        step_seconds = seconds * TRAIN_SHARE / MIN_STEPS
+    if patch_seconds is None and device == "cpu":
+        patch_seconds = seconds * TRAIN_SHARE / (PATCHES_PER_CASE * max(1, train_cases))
     mem = parse_bytes(memory) if memory is not None else default_memory(device)
-    return Budget(memory=mem, time_seconds=seconds, step_seconds=step_seconds)
+    return Budget(memory=mem, time_seconds=seconds, patch_seconds=patch_seconds)
 
 
 def _measure(plan: Plan, fp, dtype) -> tuple[float, int | None]:
@@ -85,17 +87,18 @@ def plan_dataset(
     precision: str = "mixed",
     time: str | float = "30m",
     memory: str | int | None = None,
-    step_seconds: float | None = None,
+    patch_seconds: float | None = None,
     device: str | None = None,
     measure: bool = True,
     val_fraction: float = 0.2,
 ) -> Plan:
     """The plan for `root`. With `measure`, a first step at a small patch calibrates seconds per FLOP, and real
-    steps at the planned patch and batch check it: a plan whose steps run over the step-time budget, or (CUDA)
+    steps at the planned patch and batch check it: a plan whose patches run over the time budget, or (CUDA)
     whose peak memory is over the memory budget, is planned again with the correction, and a log line says so."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    budget = make_budget(device, time, memory, step_seconds)
     fp = read_fingerprint(root)
+    train_cases = fp.num_cases - max(1, round(fp.num_cases * val_fraction))
+    budget = make_budget(device, time, memory, patch_seconds, train_cases)
     dtype = low_dtype(precision, device)
     plan = make_plan(fp, precision, budget, device, val_fraction=val_fraction)
     if not measure:
@@ -112,7 +115,7 @@ def plan_dataset(
     seconds_per_flop, memory_scale = probe_time / (probe_cost.flops * MIN_BATCH), 1.0
     tried: dict[tuple, float] = {}
     for _ in range(MAX_CORRECTIONS + 1):
-        scaled = Budget(int(budget.memory / memory_scale), budget.time_seconds, budget.step_seconds)
+        scaled = Budget(int(budget.memory / memory_scale), budget.time_seconds, budget.patch_seconds)
         plan = make_plan(fp, precision, scaled, device, seconds_per_flop, val_fraction)
         plan.budget = budget
         if (key := (tuple(plan.patch), plan.batch)) in tried:
@@ -128,10 +131,10 @@ def plan_dataset(
             memory_scale *= peak / plan.memory if peak else 1.5
             continue
         measured_spf = seconds / (plan.flops * plan.batch)
-        if budget.step_seconds is not None and seconds > SLACK * budget.step_seconds:
+        if budget.patch_seconds is not None and seconds / plan.batch > SLACK * budget.patch_seconds:
             log.warning(
-                "plan: patch %s batch %d took %.2f s per step, over the %.2f s step budget: planning again",
-                plan.patch, plan.batch, seconds, budget.step_seconds,
+                "plan: patch %s batch %d took %.2f s per patch, over the %.2f s time budget per patch: planning again",
+                plan.patch, plan.batch, seconds / plan.batch, budget.patch_seconds,
             )  # fmt: skip
             seconds_per_flop = measured_spf
             continue

@@ -1,6 +1,6 @@
 """A plan as a Hydra experiment file (readable, committable, overridable key by key), and back to overrides.
 
-python -m medseg.train plan=<run dir>/plan.yaml           # a saved plan, any key on the command line wins
+python -m medseg.train plan=<run dir>/training_plan.yaml           # a saved plan, any key on the command line wins
 python -m medseg.train experiment=<name>                  # the same file copied to conf/experiment/<name>.yaml
 """
 
@@ -56,7 +56,8 @@ def plan_yaml(plan: Plan) -> str:
         "GiB budget",
         f"# time budget {_duration(plan.budget.time_seconds)}; step "
         + (f"{plan.step_seconds:.2f} s (measured)" if plan.step_seconds else "not measured")
-        + (f", step budget {plan.budget.step_seconds:.2f} s" if plan.budget.step_seconds else "")
+        + (f" ({plan.step_seconds / plan.batch:.2f} s a patch)" if plan.step_seconds else "")
+        + (f", budget {plan.budget.patch_seconds:.2f} s a patch" if plan.budget.patch_seconds else "")
         + f"; {plan.flops * plan.batch / 1e9:.3g} GFLOP per step",
         *[f"# {note}" for note in plan.notes],
         "# Train: python -m medseg.train plan=<this file> +precision=" + plan.precision,

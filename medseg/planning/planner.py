@@ -1,8 +1,9 @@
 """From a fingerprint and budgets to a plan: target spacing, patch, batch, network and training length.
 
-The rules are nnU-Net's (target spacing, patch shrinking, the 5 % batch cap), with its GPU-memory target
-replaced by budgets: memory for the chosen precision (counted on the meta device, `medseg.planning.memory`) and,
-on a CPU, a time per step, so that a fixed wall-clock budget still buys enough optimizer steps.
+The rules are nnU-Net's (target spacing, patch shrinking, the 5 % batch cap, a low-resolution stage for
+volumes too large to train at full resolution), with its GPU-memory target replaced by budgets: memory for the
+chosen precision (counted on the meta device, `medseg.planning.memory`) and, on a CPU, a time per training patch, so
+that a fixed wall-clock budget still shows the net every training case often enough.
 """
 
 import logging
@@ -22,12 +23,17 @@ log = logging.getLogger(__name__)
 
 ANISO = 3.0  # nnU-Net's threshold for an anisotropic axis (spacing and voxel count)
 MIN_AXIS = 8  # smallest patch side: one halving down to nnU-Net's 4-voxel bottleneck
-# A patch shrinks for the step-time budget only down to this share of the median shape per side (memory has no
+# A patch shrinks for the time budget only down to this share of the median shape per side (memory has no
 # floor): nnU-Net's patches never shrink for time, and a patch much smaller than the structure loses its context.
+# Below it the spacing is coarsened instead (nnU-Net's 3d_lowres), by COARSEN per round, at most MAX_COARSEN rounds.
 TIME_FLOOR = 0.5
+COARSEN = 1.25
+MAX_COARSEN = 4
 MIN_BATCH = 2  # nnU-Net's floor: instance norm and batch Dice need more than one patch
 DATASET_SHARE = 0.05  # nnU-Net: one batch covers at most 5 % of the dataset's voxels
-MIN_STEPS = 1000  # on CPU the step-time budget is the time budget's training share over this many steps
+# On a CPU the time per patch is the budget's training share over this many patches per training case: both
+# hand-tuned CPU presets reached their Dice drawing about 100 (hippocampus 100 epochs x 1, BraTS 60 epochs x 2).
+PATCHES_PER_CASE = 100
 TRAIN_SHARE = 0.9  # of the time budget; the rest is start-up (planning, caching) and slack
 VAL_SHARE = 0.25  # at most this share of the time budget goes to validation and the final test pass
 VAL_ROUNDS = 10  # validation rounds per run (trainer.check_val_every_n_epoch follows)
@@ -88,12 +94,13 @@ def fit_to_net(patch: Sequence[float], spacing: Sequence[float], limit: Sequence
 
 @dataclass
 class Budget:
-    """memory: bytes a training step may hold; step_seconds: time per optimizer step (None: no limit);
-    time_seconds: the whole run's wall-clock budget (becomes `trainer.max_time`)."""
+    """memory: bytes a training step may hold; patch_seconds: training time per patch, forward + backward +
+    its share of the optimizer step (None: no limit); time_seconds: the whole run's wall-clock budget (becomes
+    `trainer.max_time`)."""
 
     memory: int
     time_seconds: float
-    step_seconds: float | None = None
+    patch_seconds: float | None = None
 
 
 @dataclass
@@ -136,19 +143,20 @@ def _can_shrink(patch: np.ndarray, factors: np.ndarray, axis: int, spacing: np.n
 
 def choose_patch_and_batch(
     fp: Fingerprint, spacing: np.ndarray, budget: Budget, dtype, device: str, seconds_per_flop: float | None
-) -> tuple[np.ndarray, int, StepCost]:
+) -> tuple[np.ndarray, int, StepCost, bool]:
     """nnU-Net's search: start from the median shape (padded to the net), shrink the side that is largest
-    relative to the median shape by one stride product until batch 2 fits the budgets, then grow the batch."""
+    relative to the median shape by one stride product until batch 2 fits the budgets, then grow the batch.
+    The last value says whether the patch met the time budget (False: it stopped at TIME_FLOOR)."""
     median = np.median(fp.resampled_shapes(spacing), axis=0)
-    limit = np.floor(fp.resampled_shapes(spacing).max(axis=0) + 0.5)
+    limit = np.floor(fp.largest_shape(spacing) + 0.5)
 
     def in_memory(cost: StepCost, batch: int) -> bool:
         return cost.bytes(batch) <= budget.memory
 
     def in_time(cost: StepCost, batch: int) -> bool:
-        if not (seconds_per_flop and budget.step_seconds):
+        if not (seconds_per_flop and budget.patch_seconds):
             return True
-        return cost.flops * batch * seconds_per_flop <= budget.step_seconds
+        return cost.flops * seconds_per_flop <= budget.patch_seconds
 
     patch = fit_to_net(median, spacing, limit)
     cost, _ = net_cost(fp, patch, spacing, dtype, device)
@@ -164,8 +172,7 @@ def choose_patch_and_batch(
                     f"{cost.bytes(MIN_BATCH) / 2**30:.2f} GiB, over the memory budget of "
                     f"{budget.memory / 2**30:.2f} GiB"
                 )
-            log.info("plan: patch %s is over the step-time budget, but no smaller for time alone", patch.tolist())
-            break
+            return patch, MIN_BATCH, cost, False
         axis = int(np.argmax(np.where(shrinkable, patch / median, -np.inf)))
         patch[axis] -= factors[axis]
         patch = fit_to_net(patch, spacing, limit)
@@ -173,9 +180,24 @@ def choose_patch_and_batch(
     total_voxels = float(np.prod(fp.resampled_shapes(spacing), axis=1).sum())
     cap = max(MIN_BATCH, int(DATASET_SHARE * total_voxels / np.prod(patch)))
     batch = MIN_BATCH
-    while batch < cap and in_memory(cost, batch + 1) and in_time(cost, batch + 1):
+    while batch < cap and in_memory(cost, batch + 1):
         batch += 1
-    return patch, batch, cost
+    return patch, batch, cost, True
+
+
+def coarser(spacing: np.ndarray) -> np.ndarray:
+    """One COARSEN round: the finer axes grow towards the coarsest (an anisotropic scan becomes less so, as in
+    nnU-Net's low-resolution stage); once all are equal, all grow."""
+    grown = spacing * COARSEN
+    if np.allclose(spacing, spacing.max()):
+        return grown
+    return np.where(spacing < spacing.max(), np.minimum(grown, spacing.max()), spacing)
+
+
+def deep_enough(fp: Fingerprint, spacing: np.ndarray) -> bool:
+    """At `spacing`, the median image still takes a net of 3 levels (deep supervision needs two halvings)."""
+    median = np.maximum(np.median(fp.resampled_shapes(spacing), axis=0).round(), MIN_AXIS)
+    return len(kernels_and_strides(median.astype(int).tolist(), spacing.tolist())[1]) >= 3
 
 
 def training_length(plan: Plan, num_cases: int, val_fraction: float) -> None:
@@ -191,7 +213,8 @@ def training_length(plan: Plan, num_cases: int, val_fraction: float) -> None:
     forward = plan.step_seconds / plan.batch / 3  # one patch's forward: a third of its forward+backward
     val_round = num_val * windows * forward
     test_pass = 8 * val_round
-    rounds = int(np.clip((VAL_SHARE * plan.budget.time_seconds - test_pass) // max(val_round, 1e-9), 1, VAL_ROUNDS))
+    # at least 2 rounds: one by the middle of the run, so a run stopped early by max_time still has a best checkpoint
+    rounds = int(np.clip((VAL_SHARE * plan.budget.time_seconds - test_pass) // max(val_round, 1e-9), 2, VAL_ROUNDS))
     seconds = plan.budget.time_seconds * TRAIN_SHARE - min(
         test_pass + rounds * val_round, VAL_SHARE * plan.budget.time_seconds
     )
@@ -209,12 +232,24 @@ def make_plan(
 ) -> Plan:
     """The plan for `fp` at `precision` within `budget`. Low precision never gets less than fp32 would at the
     same budget: if fp32's patch x batch is larger (batch rounding), that one is taken."""
-    spacing = target_spacing(fp.spacings, fp.shapes)
+    spacing = full = target_spacing(fp.spacings, fp.shapes * fp.crop)
     dtype = low_dtype(precision, device)
-    patch, batch, cost = choose_patch_and_batch(fp, spacing, budget, dtype, device, seconds_per_flop)
     notes = []
+    for rounds in range(MAX_COARSEN + 1):
+        patch, batch, cost, on_time = choose_patch_and_batch(fp, spacing, budget, dtype, device, seconds_per_flop)
+        if on_time or rounds == MAX_COARSEN or not deep_enough(fp, coarser(spacing)):
+            break
+        spacing = coarser(spacing)
+    if not on_time:
+        log.info("plan: patch %s is over the time budget at %s mm, but no coarser", patch.tolist(), spacing.tolist())
+    if not np.allclose(spacing, full):
+        notes.append(
+            f"low resolution: {np.round(spacing, 3).tolist()} mm instead of {np.round(full, 3).tolist()} mm, because "
+            f"at full resolution a patch of {TIME_FLOOR:g}x the median shape is over the time budget "
+            f"({budget.patch_seconds:.2f} s a patch)"
+        )
     if dtype is not None:
-        p32, b32, _ = choose_patch_and_batch(fp, spacing, budget, None, device, seconds_per_flop)
+        p32, b32, _, _ = choose_patch_and_batch(fp, spacing, budget, None, device, seconds_per_flop)
         if np.prod(p32) * b32 > np.prod(patch) * batch:
             patch, batch = p32, b32
             cost, _ = net_cost(fp, patch, spacing, dtype, device)
