@@ -180,6 +180,52 @@ def test_low_precision_net_keeps_norms_fp32_and_agrees_with_fp32(checkpoint, tmp
     assert agree > 0.99, agree
 
 
+def _predict_case_keeping_the_image(predictor, data, with_probs):
+    """`Predictor.predict_case` as it was before it released the FP32 image: the whole image kept for Invertd."""
+    from monai.data import MetaTensor
+
+    from medseg.models.inference import probs_to_labels
+
+    image = data["image"]
+    probs = predictor.probs(image.unsqueeze(0))
+    labels = probs_to_labels(probs)[0].cpu()
+    data["pred"] = MetaTensor(labels.float(), meta=image.meta, applied_operations=image.applied_operations)
+    pred = predictor.invert(data)["pred"]
+    mask = np.asarray(postprocess.keep_largest(pred, predictor.keep_largest)[0]).round().astype(np.uint8)
+    data["probs"] = MetaTensor(probs[0].float().cpu(), meta=image.meta, applied_operations=image.applied_operations)
+    return mask, predictor.invert_probs(data)["probs"].as_tensor().to(torch.float16)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_predict_case_frees_the_image_before_stitching_and_predicts_the_same(checkpoint, tmp_path, dtype):
+    """The preprocessed FP32 image is gone while the net runs (only its transform record is left for Invertd); the
+    mask and probabilities on the input's LPS, anisotropic grid are bit-identical to those of the old path."""
+    import weakref
+
+    predictor = Predictor(str(checkpoint), "cpu", dtype=dtype, postprocessing="auto")
+    assert predictor.keep_largest  # the checkpoint's test pass decided postprocessing: applied in both paths
+    src = _odd_input(tmp_path / "in")
+    want_mask, want_probs = _predict_case_keeping_the_image(predictor, predictor.preprocess({"image": str(src)}), True)
+
+    data = predictor.preprocess({"image": str(src)})
+    image = weakref.ref(data["image"])
+    alive_in_forward = []
+    hook = predictor.nets[0].register_forward_hook(lambda *_: alive_in_forward.append(image() is not None))
+    try:
+        mask, probs = predictor.predict_case(data, with_probs=True)
+    finally:
+        hook.remove()
+    assert alive_in_forward and not any(alive_in_forward)
+    assert data["image"].numel() == 0 and data["image"].applied_operations
+    assert mask.shape == nib.load(src).shape and len(np.unique(mask)) > 1  # not an empty mask by chance
+    np.testing.assert_array_equal(mask, want_mask)
+    assert torch.equal(probs, want_probs)
+    # and without probabilities (they are no longer computed beside the mask)
+    mask_only, none = predictor.predict_case(predictor.preprocess({"image": str(src)}))
+    assert none is None
+    np.testing.assert_array_equal(mask_only, want_mask)
+
+
 def test_ensemble_averages_softmax_of_its_models(checkpoint, tmp_path):
     """Two checkpoints: the ensemble's probabilities are the mean of each model's; a list and a folder of runs
     name the same checkpoints."""
