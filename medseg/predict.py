@@ -29,8 +29,9 @@ from medseg.data.transforms import preprocess
 from medseg.inference import postprocess
 from medseg.inference.cases import Case, CaseDataset, case_loader, save_mask, save_probs
 from medseg.inference.ensemble import check_compatible, checkpoint_paths
-from medseg.inference.precision import convert_net, inference_dtype, stitch_device
+from medseg.inference.precision import convert_net, inference_dtype, saved_fp32_modules, stitch_device
 from medseg.models.inference import mirror_flips, probs_to_labels, sliding_window_probs
+from medseg.precision.plan import PlanError
 from medseg.reliability.atomic_io import PARTIAL
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,9 @@ class Predictor:
         ckpt_path: a checkpoint, a list of them, a run folder or a folder of fold runs
             (`medseg.inference.ensemble.checkpoint_paths`).
         device: `cpu`, `cuda[:N]` or `auto` (CUDA when available).
-        dtype: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the nets are converted by the
-            training plugin's `convert_module`; windows, stitching buffers and probabilities use that dtype.
+        dtype: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the nets are converted as the
+            training plugin converts them, with the precision plan saved in each checkpoint (its FP32 modules stay
+            FP32); windows, stitching buffers and probabilities use that dtype.
         mirror_axes: spatial axes whose flips are averaged; None: each model as it was tested after training.
         postprocessing: `auto` (the decision stored beside the checkpoint(s), none if there is none), `none`,
             or a decision file (`medseg.inference.postprocess`).
@@ -109,10 +111,13 @@ class Predictor:
         self.device = torch.device(device)
         self.dtype = inference_dtype(dtype, self.device)
         self.nets, self.mirror_axes = [], []
-        for ckpt, model_info in zip(ckpts, infos, strict=True):
+        for path, ckpt, model_info in zip(self.paths, ckpts, infos, strict=True):
             net = instantiate(model_info["net"])
             net.load_state_dict(fp32_net_state(ckpt))  # the FP32 masters of a mixed run, then rounded once
-            self.nets.append(convert_net(net.to(self.device).eval(), self.dtype))
+            try:  # the modules its run kept in FP32 (configured, or promoted by the advisor) stay FP32
+                self.nets.append(convert_net(net.to(self.device).eval(), self.dtype, saved_fp32_modules(ckpt)))
+            except PlanError as err:
+                raise CheckpointError(f"{path}: {err}") from None
             # None: mirror as the model was tested after training
             axes = ckpt["hyper_parameters"].get("test_mirror_axes", ()) if mirror_axes is None else mirror_axes
             self.mirror_axes.append(list(axes))
