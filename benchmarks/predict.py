@@ -1,6 +1,7 @@
 """Prediction benchmark: fp32 vs low-precision inference (time, peak memory, Dice), folder throughput, ensembles.
 
     python benchmarks/predict.py sizes --repeat 2                 # time + peak memory per volume size, fp32 vs bf16
+    python benchmarks/predict.py sizes --sizes 128 512x512x256    # only these sizes
     python benchmarks/predict.py folder --ckpt RUN --images DIR   # cases/s on a folder, precision x workers
     python benchmarks/predict.py dice --run RUN                   # Dice of fp32 vs bf16 on the run's validation split
     python benchmarks/predict.py ensemble --runs FOLDER --cases test_cases.json   # each fold vs the ensemble
@@ -10,8 +11,10 @@ then the next repeat), so the modes share the machine's load; reported is the fa
 One run = `sliding_window_probs` (gaussian blending) + `probs_to_labels` on a preprocessed image (random float32,
 1 channel), by the UNet of conf/model/unet.yaml (3 classes, random weights, seed 0): the part of prediction that
 precision changes. Loading, resampling and writing are left out (they are the same in every precision and run in
-the DataLoader's workers); `folder` times them all. Peak memory: the process's peak RSS (`ru_maxrss`) above its RSS
-before it (image and net already built; the run starts with a warm-up on one window); CUDA: `max_memory_allocated`.
+the DataLoader's workers); `folder` times them all. The image goes to the net as `medseg.predict` hands it over
+(`net_input`: cast, and the FP32 voxels released). Peak memory: the process's peak RSS (`ru_maxrss`) above its RSS
+before the FP32 image was made (net built, warm-up on one window run), so the image counts; CUDA:
+`max_memory_allocated`. `--sizes 128 512x512x256` runs only those sizes (N: a cube).
 The ROI is `--roi` cubed, or for a smaller volume its shape rounded up to a multiple of 8 (35 x 50 x 35 ->
 40 x 56 x 40, the hippocampus preset's patch).
 """
@@ -58,9 +61,14 @@ def load_avg() -> str:
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
-    size = tuple(int(s) for s in text.lower().split("x"))
-    if len(size) != 3:
-        raise argparse.ArgumentTypeError(f"a size is XxYxZ, got {text!r}")
+    """`XxYxZ`, or `N` for a cube."""
+    try:
+        size = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        size = ()
+    size = size * 3 if len(size) == 1 else size
+    if len(size) != 3 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"a size is XxYxZ or N (a cube), got {text!r}")
     return size  # type: ignore[return-value]
 
 
@@ -82,18 +90,22 @@ def unet(num_classes: int = 3) -> torch.nn.Module:
 
 def one_run(size: tuple[int, int, int], mode: str, roi: int, overlap: float, sw_batch: int, device: str) -> dict:
     """Worker: one timed prediction of a random volume; returns seconds and peak MiB above the start."""
+    from monai.data import MetaTensor
+
     from medseg.inference.precision import convert_net
     from medseg.models.inference import probs_to_labels, sliding_window_probs
+    from medseg.predict import net_input
 
     dev = torch.device(device)
     dtype = DTYPES[mode]
     net = convert_net(unet().to(dev), dtype)
     window = roi_for(size, roi)
-    torch.manual_seed(1)
-    image = torch.randn(1, 1, *size, device=dev)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(shape: tuple[int, ...]) -> torch.Tensor:
+        # the preprocessed image as the DataLoader hands it over: float32 on the CPU
+        x = net_input({"image": MetaTensor(torch.randn(1, *shape))}, dtype, dev)
         probs = sliding_window_probs(net, x, window, sw_batch, overlap, dtype=dtype)
+        del x
         return probs_to_labels(probs)
 
     # the baseline before the warm-up: the allocator keeps what the warm-up freed, and the real run needs it too
@@ -101,11 +113,12 @@ def one_run(size: tuple[int, int, int], mode: str, roi: int, overlap: float, sw_
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    run(torch.randn(1, 1, *window, device=dev))  # kernels chosen and loaded
+    run(window)  # kernels chosen and loaded
     if dev.type == "cuda":
         torch.cuda.synchronize()
+    torch.manual_seed(1)
     start = time.perf_counter()
-    labels = run(image)
+    labels = run(size)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

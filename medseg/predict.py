@@ -29,8 +29,9 @@ from medseg.data.transforms import preprocess
 from medseg.inference import postprocess
 from medseg.inference.cases import Case, CaseDataset, case_loader, save_mask, save_probs
 from medseg.inference.ensemble import check_compatible, checkpoint_paths
-from medseg.inference.precision import convert_net, inference_dtype, stitch_device
+from medseg.inference.precision import convert_net, inference_dtype, saved_fp32_modules, stitch_device
 from medseg.models.inference import mirror_flips, probs_to_labels, sliding_window_probs
+from medseg.precision.plan import PlanError
 from medseg.reliability.atomic_io import PARTIAL
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,9 @@ class Predictor:
         ckpt_path: a checkpoint, a list of them, a run folder or a folder of fold runs
             (`medseg.inference.ensemble.checkpoint_paths`).
         device: `cpu`, `cuda[:N]` or `auto` (CUDA when available).
-        dtype: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the nets are converted by the
-            training plugin's `convert_module`; windows, stitching buffers and probabilities use that dtype.
+        dtype: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the nets are converted as the
+            training plugin converts them, with the precision plan saved in each checkpoint (its FP32 modules stay
+            FP32); windows, stitching buffers and probabilities use that dtype.
         mirror_axes: spatial axes whose flips are averaged; None: each model as it was tested after training.
         postprocessing: `auto` (the decision stored beside the checkpoint(s), none if there is none), `none`,
             or a decision file (`medseg.inference.postprocess`).
@@ -109,10 +111,13 @@ class Predictor:
         self.device = torch.device(device)
         self.dtype = inference_dtype(dtype, self.device)
         self.nets, self.mirror_axes = [], []
-        for ckpt, model_info in zip(ckpts, infos, strict=True):
+        for path, ckpt, model_info in zip(self.paths, ckpts, infos, strict=True):
             net = instantiate(model_info["net"])
             net.load_state_dict(fp32_net_state(ckpt))  # the FP32 masters of a mixed run, then rounded once
-            self.nets.append(convert_net(net.to(self.device).eval(), self.dtype))
+            try:  # the modules its run kept in FP32 (configured, or promoted by the advisor) stay FP32
+                self.nets.append(convert_net(net.to(self.device).eval(), self.dtype, saved_fp32_modules(ckpt)))
+            except PlanError as err:
+                raise CheckpointError(f"{path}: {err}") from None
             # None: mirror as the model was tested after training
             axes = ckpt["hyper_parameters"].get("test_mirror_axes", ()) if mirror_axes is None else mirror_axes
             self.mirror_axes.append(list(axes))
@@ -169,18 +174,45 @@ class Predictor:
 
     def predict_case(self, data: dict, with_probs: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
         """uint8 mask (X, Y, Z) on the input file's own voxel grid for a preprocessed case, postprocessed; with
-        `with_probs` also its float16 probabilities (C, X, Y, Z) on that grid."""
-        image = data["image"]
-        probs = self.probs(image.unsqueeze(0))
+        `with_probs` also its float16 probabilities (C, X, Y, Z) on that grid. `data["image"]` loses its voxels
+        (`net_input`)."""
+        x = net_input(data, self.dtype, self.device)
+        record = data["image"]
+        probs = self.probs(x)
+        del x
         labels = probs_to_labels(probs)[0].cpu()
-        # The outputs carry the image's record of applied transforms, which Invertd undoes in reverse.
-        data["pred"] = MetaTensor(labels.float(), meta=image.meta, applied_operations=image.applied_operations)
-        pred = self.invert(data)["pred"]
+        # float32 for Invertd's bilinear resampling; the low-dtype probabilities are not kept beside them
+        kept = probs[0].to("cpu", torch.float32) if with_probs else None
+        del probs
+        # The outputs carry the image's record of applied transforms, which Invertd undoes in reverse (it reads
+        # only that record and the meta of "image"); a fresh dict keeps them out of the caller's.
+        pred = self.invert({"image": record, "pred": self._with_record(labels.float(), record)})["pred"]
+        del labels
         mask = np.asarray(postprocess.keep_largest(pred, self.keep_largest)[0]).round().astype(np.uint8)
-        if not with_probs:
+        if kept is None:
             return mask, None
-        data["probs"] = MetaTensor(probs[0].float().cpu(), meta=image.meta, applied_operations=image.applied_operations)
-        return mask, self.invert_probs(data)["probs"].as_tensor().to(torch.float16)
+        del pred
+        inverted = self.invert_probs({"image": record, "probs": self._with_record(kept, record)})["probs"]
+        return mask, inverted.as_tensor().to(torch.float16)
+
+    @staticmethod
+    def _with_record(tensor: torch.Tensor, record: MetaTensor) -> MetaTensor:
+        return MetaTensor(tensor, meta=record.meta, applied_operations=record.applied_operations)
+
+
+def net_input(data: dict, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The net's input (1, C_in, X, Y, Z) in `dtype` on `device` from a preprocessed `data["image"]` (C_in, X, Y, Z)
+    float32 MetaTensor, which is replaced by a voxel-less MetaTensor with the same meta and applied_operations
+    (all that Invertd reads of it).
+
+    So a low-dtype prediction does not hold the FP32 image beside its copy while it stitches (at 512x512x256,
+    256 MiB beside 128 MiB of BF16; benchmarks/RESULTS.md). The caller must hold no other reference to the image.
+    """
+    image = data.pop("image")
+    # dtype first, then device: only the low-dtype copy goes to (and stays on) a GPU; no copy for fp32 on the CPU
+    x = image.as_tensor().unsqueeze(0).to(dtype).to(device)
+    data["image"] = MetaTensor(torch.empty(0), meta=image.meta, applied_operations=image.applied_operations)
+    return x
 
 
 def pending(inputs: list[Path], output: Path, overwrite: bool, with_probs: bool) -> tuple[list[Path], int]:

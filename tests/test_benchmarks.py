@@ -1,7 +1,10 @@
 """Smoke tests of the benchmark scripts at a tiny size: they run on CPU and print their tables."""
 
+import argparse
 import importlib.util
 from pathlib import Path
+
+import pytest
 
 from medseg import REPO_ROOT
 
@@ -72,6 +75,9 @@ def test_predict_benchmark_prints_time_and_memory_ratios(capsys) -> None:
     fp32, bf16 = rows
     assert (fp32["mode"], bf16["mode"]) == ("fp32", "bf16") and fp32["speedup"] == 1.0
     assert bf16["seconds"] > 0 and bf16["peak_mib"] > 0 and bf16["mem_ratio"] > 0
+    assert bench.parse_size("128") == (128, 128, 128) and bench.parse_size("512x512x256") == (512, 512, 256)
+    with pytest.raises(argparse.ArgumentTypeError, match="a size is XxYxZ or N"):
+        bench.parse_size("512x512")
 
 
 def test_plan_memory_compares_the_model_with_a_real_peak(capsys) -> None:

@@ -180,6 +180,52 @@ def test_low_precision_net_keeps_norms_fp32_and_agrees_with_fp32(checkpoint, tmp
     assert agree > 0.99, agree
 
 
+def _predict_case_keeping_the_image(predictor, data, with_probs):
+    """`Predictor.predict_case` as it was before it released the FP32 image: the whole image kept for Invertd."""
+    from monai.data import MetaTensor
+
+    from medseg.models.inference import probs_to_labels
+
+    image = data["image"]
+    probs = predictor.probs(image.unsqueeze(0))
+    labels = probs_to_labels(probs)[0].cpu()
+    data["pred"] = MetaTensor(labels.float(), meta=image.meta, applied_operations=image.applied_operations)
+    pred = predictor.invert(data)["pred"]
+    mask = np.asarray(postprocess.keep_largest(pred, predictor.keep_largest)[0]).round().astype(np.uint8)
+    data["probs"] = MetaTensor(probs[0].float().cpu(), meta=image.meta, applied_operations=image.applied_operations)
+    return mask, predictor.invert_probs(data)["probs"].as_tensor().to(torch.float16)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_predict_case_frees_the_image_before_stitching_and_predicts_the_same(checkpoint, tmp_path, dtype):
+    """The preprocessed FP32 image is gone while the net runs (only its transform record is left for Invertd); the
+    mask and probabilities on the input's LPS, anisotropic grid are bit-identical to those of the old path."""
+    import weakref
+
+    predictor = Predictor(str(checkpoint), "cpu", dtype=dtype, postprocessing="auto")
+    assert predictor.keep_largest  # the checkpoint's test pass decided postprocessing: applied in both paths
+    src = _odd_input(tmp_path / "in")
+    want_mask, want_probs = _predict_case_keeping_the_image(predictor, predictor.preprocess({"image": str(src)}), True)
+
+    data = predictor.preprocess({"image": str(src)})
+    image = weakref.ref(data["image"])
+    alive_in_forward = []
+    hook = predictor.nets[0].register_forward_hook(lambda *_: alive_in_forward.append(image() is not None))
+    try:
+        mask, probs = predictor.predict_case(data, with_probs=True)
+    finally:
+        hook.remove()
+    assert alive_in_forward and not any(alive_in_forward)
+    assert data["image"].numel() == 0 and data["image"].applied_operations
+    assert mask.shape == nib.load(src).shape and len(np.unique(mask)) > 1  # not an empty mask by chance
+    np.testing.assert_array_equal(mask, want_mask)
+    assert torch.equal(probs, want_probs)
+    # and without probabilities (they are no longer computed beside the mask)
+    mask_only, none = predictor.predict_case(predictor.preprocess({"image": str(src)}))
+    assert none is None
+    np.testing.assert_array_equal(mask_only, want_mask)
+
+
 def test_ensemble_averages_softmax_of_its_models(checkpoint, tmp_path):
     """Two checkpoints: the ensemble's probabilities are the mean of each model's; a list and a folder of runs
     name the same checkpoints."""
@@ -322,6 +368,68 @@ def test_bad_cases_are_named_and_the_others_predicted(checkpoint, tmp_path):
     for name in ("two_channels.nii.gz", "flat.nii.gz", "broken.nii.gz"):
         assert name in run.stderr
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+
+
+@pytest.fixture(scope="module")
+def planned_checkpoint(tiny_dataset, tmp_path_factory):
+    """A `+precision=mixed` run whose precision plan keeps the net's first block (`net.model.0`) in FP32, tested
+    right after fit in bf16 (`model.test_dtype`, converting the net again under the running plugin)."""
+    tmp = tmp_path_factory.mktemp("planned")
+    overrides = [*TINY, *TINY_UNET, f"data.root={tiny_dataset}", "++data.synthesize=null"]
+    overrides += [f"data.cache_dir={tmp / 'cache'}", "trainer.max_epochs=1", "+precision=mixed"]
+    overrides += ["precision.plugin.fp32_modules=[net.model.0]", "model.test_dtype=bf16"]
+    train(compose_cfg(overrides, tmp / "run"))
+    [best] = [p for p in (tmp / "run" / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    return best
+
+
+def _dtypes(net: torch.nn.Module, kept: str) -> tuple[set, set]:
+    """dtypes of the weights inside the module named `kept`, and of the conv weights outside it."""
+    inside = {p.dtype for p in net.get_submodule(kept).parameters()}
+    outside = {
+        m.weight.dtype
+        for n, m in net.named_modules()
+        if isinstance(m, torch.nn.Conv3d) and not (n == kept or n.startswith(kept + "."))
+    }
+    return inside, outside
+
+
+def test_low_precision_prediction_keeps_the_checkpoint_plans_fp32_modules(planned_checkpoint, tmp_path):
+    from medseg.inference.precision import saved_fp32_modules
+
+    ckpt = torch.load(planned_checkpoint, map_location="cpu", weights_only=True)
+    assert saved_fp32_modules(ckpt) == ["net.model.0"]
+    predictor = Predictor(str(planned_checkpoint), "cpu", dtype="bf16")
+    assert _dtypes(predictor.nets[0], "model.0") == ({torch.float32}, {torch.bfloat16})
+    fp32 = Predictor(str(planned_checkpoint), "cpu", dtype="fp32")
+    image = fp32.preprocess({"image": str(_odd_input(tmp_path / "in"))})["image"][None]
+    p16, p32 = predictor.probs(image), fp32.probs(image)  # the FP32 block hands BF16 on to the rest
+    assert p16.dtype == torch.bfloat16 and (p16.argmax(1) == p32.argmax(1)).float().mean() > 0.99
+
+
+def test_test_pass_keeps_the_checkpoint_plans_fp32_modules(planned_checkpoint, tiny_cfg):
+    """A test-only run (no precision plugin) of the planned checkpoint with model.test_dtype=bf16."""
+    cfg = tiny_cfg("model.test_dtype=bf16")
+    model = build_model(cfg, instantiate(cfg.data))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.test(model, datamodule=instantiate(cfg.data), ckpt_path=str(planned_checkpoint))
+    assert model.saved_fp32_modules == ["net.model.0"]
+    assert _dtypes(model.net, "model.0") == ({torch.float32}, {torch.bfloat16})
+    assert 0.0 <= trainer.callback_metrics["test/dice"] <= 1.0
+
+
+def test_fp32_after_low_precision_hands_fp32_on():
+    """`model.test_dtype=fp32` after a mixed fit: the casting hooks the plugin left on a module kept in FP32 and on a
+    GroupNorm must hand FP32 on, not the low dtype the net had."""
+    from medseg.inference.precision import convert_net
+    from medseg.precision.convert import to_low_precision
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Conv3d(4, 2, 3))
+    to_low_precision(net, torch.bfloat16, fp32_modules=["0"])
+    x = torch.randn(1, 1, 8, 8, 8)
+    assert net(x.bfloat16()).dtype == torch.bfloat16 and net[0].weight.dtype == torch.float32
+    convert_net(net, torch.float32)
+    assert {p.dtype for p in net.parameters()} == {torch.float32} and net(x).dtype == torch.float32
 
 
 def test_stitch_device_rule():

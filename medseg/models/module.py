@@ -12,9 +12,10 @@ from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
 from medseg.inference import postprocess
-from medseg.inference.precision import convert_net, inference_dtype
+from medseg.inference.precision import convert_net, inference_dtype, saved_fp32_modules
 from medseg.models.channels_last import to_channels_last
 from medseg.models.inference import mirror_flips, sliding_window_probs
+from medseg.precision.plugin import MasterWeightPrecision
 
 
 class SegmentationModule(pl.LightningModule):
@@ -87,6 +88,8 @@ class SegmentationModule(pl.LightningModule):
             applied_labels=list(range(1, len(self.label_names))), is_onehot=True, independent=True
         )
         self.test_torch_dtype: torch.dtype | None = None  # set by on_test_start from test_dtype
+        # the precision plan's FP32 modules saved in the checkpoint last loaded (on_load_checkpoint), for test_dtype
+        self.saved_fp32_modules: list[str] = []
         self.test_cases = 0  # cases of the current test pass, for the postprocessing record
         self.channels_last = channels_last
         self._compiled_net: nn.Module | None = None
@@ -149,13 +152,19 @@ class SegmentationModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.dice(*self._one_hot_pair(batch))
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.saved_fp32_modules = saved_fp32_modules(checkpoint)
+
     def on_test_start(self) -> None:
         self.test_cases = 0
         if self.hparams.test_dtype is not None:
             # in place, after Lightning loaded the tested checkpoint's weights (a `mixed` run's are BF16/FP16 there:
-            # test_dtype=fp32 does not bring back its FP32 masters; medseg.predict loads those)
+            # test_dtype=fp32 does not bring back its FP32 masters; medseg.predict loads those). The modules kept in
+            # FP32 by the tested checkpoint's plan, and by the running plugin's (test right after fit), stay FP32.
+            plugin = self.trainer.precision_plugin
+            running = plugin.plan.fp32_modules if isinstance(plugin, MasterWeightPrecision) else []
             self.test_torch_dtype = inference_dtype(self.hparams.test_dtype, self.device)
-            convert_net(self.net, self.test_torch_dtype)
+            convert_net(self.net, self.test_torch_dtype, [*dict.fromkeys([*self.saved_fp32_modules, *running])])
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         pred, target = self._one_hot_pair(batch, self.hparams.test_mirror_axes, self.test_torch_dtype)

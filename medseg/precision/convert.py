@@ -97,3 +97,13 @@ def to_low_precision(
     for name in fp32_modules:
         keep_fp32(module.get_submodule(name), dtype)
     return module
+
+
+def to_float32(module: nn.Module) -> nn.Module:
+    """``module`` wholly in FP32, in place, also after ``to_low_precision``: the casting hooks it left (on norms and
+    on modules kept in FP32) hand FP32 on from now on, instead of the low dtype the rest of the net had."""
+    module.float()
+    for m in module.modules():
+        if m in _OUTPUT_DTYPE:
+            _OUTPUT_DTYPE[m] = torch.float32
+    return module
