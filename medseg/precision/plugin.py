@@ -315,7 +315,26 @@ class MasterWeightPrecision(Precision):
         optimizer.zero_grad(set_to_none=True)
         rank_zero_only(log.info)(overflow_line(culprit, step, scale))
         decision = self.advisor.record(culprit, step, scale) if culprit is not None else None
-        if decision is None or decision.layer in self.plan.fp32_modules:
+        if decision is not None:
+            self._decide(model, decision)
+
+    def observe_headroom(
+        self, model: "pl.LightningModule", step: int, acts: dict[str, float], out_grads: dict[str, float], scale: float
+    ) -> None:
+        """The advisor's headroom rule on one of ``PrecisionMonitor``'s sampled steps that did not overflow:
+        ``acts``/``out_grads`` are each weighted layer's forward-output and (scaled) output-gradient abs-max.
+        FP16 only: BF16 has FP32's range. Layers whose weights are already FP32 (norms, promoted) are left out."""
+        rule = self.advisor.headroom if self.advisor is not None else None
+        if rule is None or self._dtype != torch.float16:
+            return
+        skip = {n for n in acts if any(p.dtype == torch.float32 for p in model.get_submodule(n).parameters())}
+        assert self.advisor is not None
+        for decision in rule.observe(step, acts, out_grads, scale, self.advisor.backward_max_scale, skip):
+            self._decide(model, decision)
+
+    def _decide(self, model: "pl.LightningModule", decision: Decision) -> None:
+        """Apply one of the advisor's decisions: promote the module, record it in the plan, say so, save the plan."""
+        if decision.layer in self.plan.fp32_modules:
             return
         if isinstance(model.get_submodule(decision.layer), LOSS_TYPES):
             rank_zero_only(log.warning)(f"precision advisor: {decision.line()}: a loss, already FP32; not promoted")
