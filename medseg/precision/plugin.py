@@ -129,6 +129,8 @@ class MasterWeightPrecision(Precision):
         advisor: finds the module where an overflow started and keeps it in FP32 once it has caused enough
             of them (``medseg.precision.advisor``); the plan, with its decisions, is saved in checkpoints and as
             ``precision_plan.yaml`` in ``trainer.default_root_dir``.
+        fp32_attention: in FP16, run the attention logits and softmax of MONAI's ``SABlock`` (UNETR) and
+            ``WindowAttention`` (SwinUNETR) in FP32, their weights staying FP16 (``medseg.precision.attention``).
     """
 
     precision = "32-true"  # set to "16-true" / "bf16-true" once the dtype is known
@@ -144,6 +146,7 @@ class MasterWeightPrecision(Precision):
         fp32_modules: Sequence[str] = (),
         plan: str | None = None,
         advisor: PrecisionAdvisor | None = None,
+        fp32_attention: bool = True,
     ) -> None:
         if dtype != "auto" and dtype not in LOW_DTYPES:
             raise ValueError(f"dtype must be 'auto', 'float16' or 'bfloat16', got {dtype!r}")
@@ -159,6 +162,7 @@ class MasterWeightPrecision(Precision):
         if plan is not None:
             self.plan.fp32_modules += load_plan(plan).fp32_modules
         self.advisor = advisor
+        self.fp32_attention = fp32_attention
         self._plan_dir: Path | None = None  # where precision_plan.yaml goes: the trainer's default_root_dir
         self._module: pl.LightningModule | None = None  # set in connect(): promotions apply to it
         self.last_step: dict[str, Any] = {}
@@ -206,7 +210,9 @@ class MasterWeightPrecision(Precision):
         self._resolve_dtype(module)
         assert self._dtype is not None
         names = self.check_plan(module)
-        to_low_precision(module, self._dtype, norms_in_float32=self.norms_in_float32, fp32_modules=names)
+        to_low_precision(
+            module, self._dtype, self.norms_in_float32, fp32_modules=names, fp32_attention=self.fp32_attention
+        )
         return module
 
     def check_plan(self, module: nn.Module) -> list[str]:
