@@ -88,3 +88,13 @@ def test_plan_memory_compares_the_model_with_a_real_peak(capsys) -> None:
     assert [r["precision"] for r in rows] == ["fp32", "mixed"]
     assert all(r["measured MiB"] > 0 and r["step s"] > 0 for r in rows), rows
     assert rows[1]["model MiB"] < rows[0]["model MiB"]  # BF16 activations: a smaller count at the same size
+
+
+def test_attention_benchmark_shows_fp16_logits_overflow_and_the_fp32_fix(capsys) -> None:
+    pytest.importorskip("einops", reason="MONAI's SABlock needs einops")
+    rows = _script("attention_fp16").main(["--gains", "1", "1000"])
+    assert "| block | q/k gain | max logit | fp16 finite |" in capsys.readouterr().out
+    assert [(r["q/k gain"], r["fp16 finite"], r["fp16 + fp32 logits finite"]) for r in rows] == [
+        (1.0, "yes", "yes"),
+        (1000.0, "NO", "yes"),
+    ] * 2

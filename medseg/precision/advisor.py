@@ -19,6 +19,7 @@ import torch.distributed as dist
 from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 
+from medseg.precision.headroom import HeadroomRule
 from medseg.precision.plan import Decision
 
 _PHASES = ("forward output", "backward input-gradient", "weight gradient")
@@ -159,10 +160,17 @@ class PrecisionAdvisor:
         backward_max_scale: the largest loss scale at which backward overflows count.
         lost_update_every: sample the per-module lost-update share every n optimizer steps (0: never). It
             copies the low-precision modules' masters once on those steps.
+        headroom: the second promotion rule, FP16 only: a layer whose FP16 headroom stays below M bits on W
+            sampled steps in a row (``medseg.precision.headroom``); None: overflows only.
     """
 
     def __init__(
-        self, overflows: int = 3, window: int = 100, backward_max_scale: float = 128.0, lost_update_every: int = 100
+        self,
+        overflows: int = 3,
+        window: int = 100,
+        backward_max_scale: float = 128.0,
+        lost_update_every: int = 100,
+        headroom: HeadroomRule | None = None,
     ) -> None:
         if overflows < 1 or window < 1 or lost_update_every < 0:
             raise ValueError(
@@ -173,6 +181,7 @@ class PrecisionAdvisor:
         self.window = window
         self.backward_max_scale = backward_max_scale
         self.lost_update_every = lost_update_every
+        self.headroom = headroom
         self._seen: dict[str, deque[int]] = {}  # module name -> steps of the overflows it started, in the window
         self.lost_updates: dict[str, float] = {}  # module name -> lost-update share at the last sampled step
 
@@ -213,10 +222,15 @@ class PrecisionAdvisor:
         return Decision(culprit.name, step, culprit.where, len(steps), self.window, float(scale))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seen": {name: list(steps) for name, steps in self._seen.items()}}
+        state: dict[str, Any] = {"seen": {name: list(steps) for name, steps in self._seen.items()}}
+        if self.headroom is not None:
+            state["headroom"] = self.headroom.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._seen = {name: deque(int(s) for s in steps) for name, steps in state.get("seen", {}).items()}
+        if self.headroom is not None:
+            self.headroom.load_state_dict(state.get("headroom", {}))
 
 
 def overflow_line(culprit: Culprit | None, step: int, scale: float) -> str:

@@ -10,6 +10,8 @@ import torch
 from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 
+from medseg.precision.attention import attention_in_fp32
+
 # Normalisation layers keep FP32 weights (and running statistics): their means and variances over many voxels
 # must not be rounded to FP16/BF16. _NormBase covers BatchNorm*, SyncBatchNorm and InstanceNorm*, which are also
 # what MONAI's Norm factory returns. ATen's and cuDNN's batch/instance-norm kernels take FP16/BF16 input with FP32
@@ -68,13 +70,18 @@ def keep_fp32(module: nn.Module, dtype: torch.dtype) -> None:
 
 
 def to_low_precision(
-    module: nn.Module, dtype: torch.dtype, norms_in_float32: bool = False, fp32_modules: Sequence[str] = ()
+    module: nn.Module,
+    dtype: torch.dtype,
+    norms_in_float32: bool = False,
+    fp32_modules: Sequence[str] = (),
+    fp32_attention: bool = True,
 ) -> nn.Module:
     """Cast ``module`` to ``dtype`` (float16/bfloat16) in place, except norm layers and losses, which keep FP32
     weights: BatchNorm/InstanceNorm take the low-precision input (their kernels accumulate in FP32) unless
     ``norms_in_float32``; GroupNorm/LayerNorm, and with ``norms_in_float32`` every norm, get their input cast to
     FP32 and their output back to ``dtype``; losses compute and return FP32. ``fp32_modules`` names submodules
-    (as in ``module.named_modules()``) kept wholly in FP32 by ``keep_fp32``.
+    (as in ``module.named_modules()``) kept wholly in FP32 by ``keep_fp32``. With ``fp32_attention`` and FP16, the
+    attention logits and softmax of MONAI's ``SABlock``/``WindowAttention`` run in FP32 (``attention_in_fp32``).
 
     In place, and `_apply(recurse=False)` one module at a time (what `Module.to` uses), so norm weights are never
     rounded through the low dtype and Parameter objects keep their identity (optimizers built on them stay valid).
@@ -96,6 +103,8 @@ def to_low_precision(
             m._apply(partial(cast_floating, dtype=dtype), recurse=False)
     for name in fp32_modules:
         keep_fp32(module.get_submodule(name), dtype)
+    if fp32_attention and dtype == torch.float16:
+        attention_in_fp32(module)
     return module
 
 

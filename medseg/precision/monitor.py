@@ -348,6 +348,7 @@ class PrecisionMonitor(pl.Callback):
         for row in rows:
             if row.layers is not None:
                 self._write_layers(trainer, row.step, *row.layers)
+                self._advise_headroom(trainer, row)
 
     def _derive(self, row: _Row) -> None:
         """Fields worked out on the host, in step order: running counts, AMP overflow, headroom, throughput."""
@@ -393,6 +394,15 @@ class PrecisionMonitor(pl.Callback):
                 data["precision/layers/act_grad_absmax_log2"] = wandb.Histogram(log2(grad))
             for logger in wandb_loggers(trainer):
                 log_to_wandb(logger, data, step)
+
+    def _advise_headroom(self, trainer: pl.Trainer, row: _Row) -> None:
+        """Hand this sampled step's per-layer abs-maxes to the plugin's headroom rule (``row.amax`` is None where
+        the step overflowed, which is the overflow rule's, or had no low-precision gradients)."""
+        if self._plugin is None or row.amax is None or row.metrics.get("overflow"):
+            return
+        acts = {name: act for name, (act, _) in self.layer_absmax.items()}
+        grads = {name: grad for name, (_, grad) in self.layer_absmax.items() if not math.isnan(grad)}
+        self._plugin.observe_headroom(trainer.lightning_module, row.step, acts, grads, float(row.amax_scale))
 
     def _warn_near_fp16_max(self, step: int, names: list[str], act: list[float]) -> None:
         # inf (already overflowed) ranks first; NaN says nothing about the range

@@ -3,7 +3,7 @@ FP32, and why (the advisor's decisions). Read from and written to ``precision_pl
 
 import fnmatch
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,11 @@ class PlanError(ConfigError):
 @dataclass
 class Decision:
     """One promotion to FP32 by the advisor: ``layer`` (module name in the LightningModule), the optimizer
-    ``step`` it was taken at, ``where`` the first non-finite value appeared (``forward output``, ``backward
-    input-gradient``, ``weight gradient``), ``overflows`` counted against the layer within ``window`` steps,
-    and the loss ``scale`` of the step."""
+    ``step`` it was taken at, and the loss ``scale`` of the step. The overflow rule: ``where`` the first
+    non-finite value appeared (``forward output``, ``backward input-gradient``, ``weight gradient``),
+    ``overflows`` counted against the layer within ``window`` steps. The headroom rule (``headroom_bits`` set):
+    the FP16 headroom of the layer's ``where`` (``forward output`` or ``output gradient``) stayed below
+    ``min_bits`` on ``window`` sampled steps in a row, ``headroom_bits`` at the last one; ``overflows`` is 0."""
 
     layer: str
     step: int
@@ -32,8 +34,16 @@ class Decision:
     overflows: int
     window: int
     scale: float
+    headroom_bits: float | None = None
+    min_bits: float | None = None
 
     def line(self) -> str:
+        if self.headroom_bits is not None:
+            return (
+                f"step {self.step}: {self.layer} -> FP32 (FP16 headroom of its {self.where} below {self.min_bits:g}"
+                f" bits on {self.window} sampled steps in a row, {self.headroom_bits:.2f} bits at the last, loss"
+                f" scale {self.scale:g})"
+            )
         return (
             f"step {self.step}: {self.layer} -> FP32 ({self.overflows} overflows started in it within {self.window}"
             f" steps, first non-finite value in its {self.where}, loss scale {self.scale:g})"
@@ -60,10 +70,11 @@ class PrecisionPlan:
         if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
             raise PlanError(f"{source}: fp32_modules must be a list of module-name globs or class names")
         names = [f.name for f in fields(Decision)]
+        required = {f.name for f in fields(Decision) if f.default is MISSING}  # plans written before the headroom rule
         decisions = []
         for d in data.get("decisions") or []:
-            if not isinstance(d, dict) or sorted(d) != sorted(names):
-                raise PlanError(f"{source}: each decision needs exactly the keys {names}, got {d!r}")
+            if not isinstance(d, dict) or not required <= set(d) or not set(d) <= set(names):
+                raise PlanError(f"{source}: each decision needs the keys {names}, got {d!r}")
             decisions.append(Decision(**d))
         return cls(fp32_modules=list(modules), decisions=decisions)
 

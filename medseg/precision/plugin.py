@@ -129,6 +129,8 @@ class MasterWeightPrecision(Precision):
         advisor: finds the module where an overflow started and keeps it in FP32 once it has caused enough
             of them (``medseg.precision.advisor``); the plan, with its decisions, is saved in checkpoints and as
             ``precision_plan.yaml`` in ``trainer.default_root_dir``.
+        fp32_attention: in FP16, run the attention logits and softmax of MONAI's ``SABlock`` (UNETR) and
+            ``WindowAttention`` (SwinUNETR) in FP32, their weights staying FP16 (``medseg.precision.attention``).
     """
 
     precision = "32-true"  # set to "16-true" / "bf16-true" once the dtype is known
@@ -144,6 +146,7 @@ class MasterWeightPrecision(Precision):
         fp32_modules: Sequence[str] = (),
         plan: str | None = None,
         advisor: PrecisionAdvisor | None = None,
+        fp32_attention: bool = True,
     ) -> None:
         if dtype != "auto" and dtype not in LOW_DTYPES:
             raise ValueError(f"dtype must be 'auto', 'float16' or 'bfloat16', got {dtype!r}")
@@ -159,6 +162,7 @@ class MasterWeightPrecision(Precision):
         if plan is not None:
             self.plan.fp32_modules += load_plan(plan).fp32_modules
         self.advisor = advisor
+        self.fp32_attention = fp32_attention
         self._plan_dir: Path | None = None  # where precision_plan.yaml goes: the trainer's default_root_dir
         self._module: pl.LightningModule | None = None  # set in connect(): promotions apply to it
         self.last_step: dict[str, Any] = {}
@@ -206,7 +210,9 @@ class MasterWeightPrecision(Precision):
         self._resolve_dtype(module)
         assert self._dtype is not None
         names = self.check_plan(module)
-        to_low_precision(module, self._dtype, norms_in_float32=self.norms_in_float32, fp32_modules=names)
+        to_low_precision(
+            module, self._dtype, self.norms_in_float32, fp32_modules=names, fp32_attention=self.fp32_attention
+        )
         return module
 
     def check_plan(self, module: nn.Module) -> list[str]:
@@ -315,7 +321,26 @@ class MasterWeightPrecision(Precision):
         optimizer.zero_grad(set_to_none=True)
         rank_zero_only(log.info)(overflow_line(culprit, step, scale))
         decision = self.advisor.record(culprit, step, scale) if culprit is not None else None
-        if decision is None or decision.layer in self.plan.fp32_modules:
+        if decision is not None:
+            self._decide(model, decision)
+
+    def observe_headroom(
+        self, model: "pl.LightningModule", step: int, acts: dict[str, float], out_grads: dict[str, float], scale: float
+    ) -> None:
+        """The advisor's headroom rule on one of ``PrecisionMonitor``'s sampled steps that did not overflow:
+        ``acts``/``out_grads`` are each weighted layer's forward-output and (scaled) output-gradient abs-max.
+        FP16 only: BF16 has FP32's range. Layers whose weights are already FP32 (norms, promoted) are left out."""
+        rule = self.advisor.headroom if self.advisor is not None else None
+        if rule is None or self._dtype != torch.float16:
+            return
+        skip = {n for n in acts if any(p.dtype == torch.float32 for p in model.get_submodule(n).parameters())}
+        assert self.advisor is not None
+        for decision in rule.observe(step, acts, out_grads, scale, self.advisor.backward_max_scale, skip):
+            self._decide(model, decision)
+
+    def _decide(self, model: "pl.LightningModule", decision: Decision) -> None:
+        """Apply one of the advisor's decisions: promote the module, record it in the plan, say so, save the plan."""
+        if decision.layer in self.plan.fp32_modules:
             return
         if isinstance(model.get_submodule(decision.layer), LOSS_TYPES):
             rank_zero_only(log.warning)(f"precision advisor: {decision.line()}: a loss, already FP32; not promoted")

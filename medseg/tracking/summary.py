@@ -121,9 +121,10 @@ def plan_table(plan: PrecisionPlan) -> Any:
     for name in plan.fp32_modules:
         d = decided.get(name)
         rows.append([name, "advisor" if d else "config/plan file", *(
-            [d.step, d.where, d.overflows, d.window, d.scale] if d else [None, None, None, None, None]
+            [d.step, d.where, d.overflows, d.window, d.scale, d.headroom_bits] if d else [None] * 6
         )])  # fmt: skip
-    columns = ["module", "source", "step", "first non-finite in", "overflows", "window", "loss scale"]
+    # `where`: the first non-finite value (overflow rule), or the values short of headroom (headroom rule)
+    columns = ["module", "source", "step", "where", "overflows", "window", "loss scale", "headroom bits"]
     return wandb.Table(columns=columns, data=rows)
 
 
