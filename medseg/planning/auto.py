@@ -12,8 +12,8 @@ from medseg.config_check import ConfigError
 from medseg.planning.fingerprint import read_fingerprint
 from medseg.planning.measure import measure_steps
 from medseg.planning.planner import (
-    MIN_BATCH,
     PATCHES_PER_CASE,
+    SLACK,
     TRAIN_SHARE,
     Budget,
     Plan,
@@ -30,7 +30,6 @@ GPU_SHARE = 0.85  # of the device's memory: room for the CUDA context, cuDNN wor
 RAM_SHARE = 0.5  # of the machine's memory on a CPU: the data loader's workers and caches need the rest
 MAX_CORRECTIONS = 3
 PROBE_VOXELS = 96**3  # calibration patch size (at most): a few seconds a step on a CPU
-SLACK = 1.25  # a measured patch may exceed the time budget per patch by this much before the plan is corrected
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -103,17 +102,19 @@ def plan_dataset(
     plan = make_plan(fp, precision, budget, device, val_fraction=val_fraction)
     if not measure:
         return plan
-    # seconds per FLOP from real steps at batch 2 of the memory plan's patch, scaled down to PROBE_VOXELS: a CPU
-    # runs small convolutions at far fewer FLOP/s than large ones, so a probe much smaller than the plan would
-    # make it shrink too far; from above, each correction measures a patch larger than the next one
+    # seconds per FLOP from real steps of the memory plan (its patch scaled down to PROBE_VOXELS, its batch): a CPU
+    # runs small convolutions and small batches at far fewer FLOP/s than large ones (hippocampus: 1.6x per patch
+    # at batch 2 vs 7), so a probe much smaller than the plan would make it shrink too far; from above, each
+    # correction measures a patch larger than the next one
     scale = min(1.0, (PROBE_VOXELS / np.prod(plan.patch)) ** (1 / 3))
     probe = fit_to_net(np.asarray(plan.patch) * scale, plan.spacing, limit=plan.patch)
     probe_cost, filters = net_cost(fp, probe, np.asarray(plan.spacing), dtype, device)
     probe_time = measure_steps(
-        len(fp.modalities), fp.num_classes, probe.tolist(), plan.spacing, filters, MIN_BATCH, dtype, device
+        len(fp.modalities), fp.num_classes, probe.tolist(), plan.spacing, filters, plan.batch, dtype, device
     ).seconds
-    seconds_per_flop, memory_scale = probe_time / (probe_cost.flops * MIN_BATCH), 1.0
+    seconds_per_flop, memory_scale = probe_time / (probe_cost.flops * plan.batch), 1.0
     tried: dict[tuple, float] = {}
+    regrown = False
     for _ in range(MAX_CORRECTIONS + 1):
         scaled = Budget(int(budget.memory / memory_scale), budget.time_seconds, budget.patch_seconds)
         plan = make_plan(fp, precision, scaled, device, seconds_per_flop, val_fraction)
@@ -137,6 +138,12 @@ def plan_dataset(
                 plan.patch, plan.batch, seconds / plan.batch, budget.patch_seconds,
             )  # fmt: skip
             seconds_per_flop = measured_spf
+            continue
+        if budget.patch_seconds is not None and not regrown and measured_spf * SLACK < seconds_per_flop:
+            # the calibration ran at batch 2 and a smaller patch, slower per voxel than the plan's own steps: plan
+            # once more at the measured speed, which may keep a larger patch (measured again before it is taken)
+            log.info("plan: patch %s batch %d ran faster than calibrated: planning again", plan.patch, plan.batch)
+            seconds_per_flop, regrown = measured_spf, True
             continue
         break
     plan.step_seconds = seconds

@@ -5,6 +5,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
@@ -13,11 +14,14 @@ from medseg.models.dynunet import build_dynunet
 from medseg.models.module import SegmentationModule
 from medseg.precision.convert import to_low_precision
 
+WARMUP = 2  # untimed steps: on a CPU the second step was still up to 30 % slower than the ones after it
+
 
 @dataclass(frozen=True)
 class Measured:
-    """Seconds of the fastest forward+backward+AdamW step (the least disturbed by other work on the machine);
-    peak bytes allocated on CUDA (None on CPU)."""
+    """Seconds of the median forward+backward+AdamW step (not the fastest: the training length follows from it,
+    and a run planned from its fastest step outruns `max_time` before its LR schedule ends); peak bytes allocated
+    on CUDA (None on CPU)."""
 
     seconds: float
     peak: int | None
@@ -32,9 +36,9 @@ def measure_steps(
     batch: int,
     low_dtype: torch.dtype | None,
     device: str = "cpu",
-    steps: int = 2,
+    steps: int = 4,
 ) -> Measured:
-    """Times `steps` steps after one warm-up on random data, with the net laid out as training lays it out
+    """Times `steps` steps after WARMUP untimed ones on random data, with the net laid out as training lays it out
     (channels-last on CPU, the low dtype with FP32 norms). Raises torch.OutOfMemoryError when it does not fit."""
     torch.manual_seed(0)
     net = build_dynunet(in_channels, num_classes, patch, spacing, filters=filters).train().to(device)
@@ -51,7 +55,7 @@ def measure_steps(
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(steps + 1):
+    for _ in range(steps + WARMUP):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         module.compute_loss(net(image), label).backward()
@@ -60,4 +64,4 @@ def measure_steps(
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return Measured(min(times[1:]), peak)
+    return Measured(float(np.median(times[WARMUP:])), peak)

@@ -34,6 +34,7 @@ DATASET_SHARE = 0.05  # nnU-Net: one batch covers at most 5 % of the dataset's v
 # On a CPU the time per patch is the budget's training share over this many patches per training case: both
 # hand-tuned CPU presets reached their Dice drawing about 100 (hippocampus 100 epochs x 1, BraTS 60 epochs x 2).
 PATCHES_PER_CASE = 100
+SLACK = 1.25  # a patch may be estimated or measured this much over its time budget before it shrinks
 TRAIN_SHARE = 0.9  # of the time budget; the rest is start-up (planning, caching) and slack
 VAL_SHARE = 0.25  # at most this share of the time budget goes to validation and the final test pass
 VAL_ROUNDS = 10  # validation rounds per run (trainer.check_val_every_n_epoch follows)
@@ -156,7 +157,7 @@ def choose_patch_and_batch(
     def in_time(cost: StepCost, batch: int) -> bool:
         if not (seconds_per_flop and budget.patch_seconds):
             return True
-        return cost.flops * seconds_per_flop <= budget.patch_seconds
+        return cost.flops * seconds_per_flop <= SLACK * budget.patch_seconds
 
     patch = fit_to_net(median, spacing, limit)
     cost, _ = net_cost(fp, patch, spacing, dtype, device)
