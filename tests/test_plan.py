@@ -294,7 +294,21 @@ def test_plan_auto_plans_a_generic_folder(plan_file, tmp_path):
     with pytest.raises(ConfigError, match="^plan: no plan file at"):
         _planned(["plan=/no/such/plan.yaml"], tmp_path)
     with pytest.raises(ConfigError, match="^plan=auto with ckpt_path"):
-        _planned([*base, "ckpt_path=x.ckpt"], tmp_path)
+        _planned([*base, "ckpt_path=x.ckpt"], tmp_path / "fresh")  # (a run directory with its plan keeps it)
+
+
+def test_a_job_started_again_in_its_run_directory_keeps_its_plan(plan_file, tmp_path):
+    """Lightning resumes a job started again in its own directory (a requeue) from that directory's newest
+    checkpoint, so `plan=auto` must not plan again there: the saved plan is used, even where a new plan differs."""
+    root = yaml.safe_load(plan_file[0].read_text())["data"]["root"]
+    base = ["data=msd", f"data.root={root}", "planner.measure=false", "+precision=mixed"]
+    _, first = _planned([*base, "planner.memory=200M"], tmp_path)
+    saved = (tmp_path / "training_plan.yaml").read_text()
+    _, other = _planned([*base, "planner.memory=60M"], tmp_path / "elsewhere")  # what planning again would give
+    assert list(other.data.patch_size) != list(first.data.patch_size) or other.data.batch_size != first.data.batch_size
+    _, again = _planned([*base, "planner.memory=60M"], tmp_path)
+    assert list(again.data.patch_size) == list(first.data.patch_size) and again.data.batch_size == first.data.batch_size
+    assert (tmp_path / "training_plan.yaml").read_text() == saved
 
 
 def test_plan_command_writes_the_file(plan_file, tmp_path, capsys):

@@ -35,6 +35,12 @@ def planned_config(cfg: DictConfig) -> DictConfig:
     if choice in (None, "none") or (choice == "auto" and not plans_itself(cfg, hydra_cfg.runtime.choices)):
         return cfg
     out = Path(cfg.paths.output_dir) / "training_plan.yaml"
+    if choice == "auto" and out.is_file():
+        # The run directory already has a plan: a requeued or restarted job, which Lightning resumes from that
+        # directory's newest checkpoint. It must continue under the plan that checkpoint was trained with; a
+        # new plan (measured under another load) could change the patch, the batch and the LR schedule's length.
+        log.info("plan=auto: %s exists (a job started again in its own directory): training with it", out)
+        choice = str(out)
     if choice == "auto":
         if cfg.get("ckpt_path") is not None:
             raise ConfigError(
@@ -60,7 +66,8 @@ def planned_config(cfg: DictConfig) -> DictConfig:
         plan_cfg = read_plan(choice)
         text = Path(choice).expanduser().read_text()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    if not out.is_file() or out.read_text() != text:
+        out.write_text(text)
     cli = list(hydra_cfg.overrides.task)
     overrides = plan_overrides(plan_cfg, cli)
     log.info("Plan (saved as %s; command-line keys win over it):\n%s", out, text)
