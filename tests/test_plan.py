@@ -30,12 +30,14 @@ from medseg.planning.planner import (
     MIN_AXIS,
     TIME_FLOOR,
     Budget,
+    Plan,
     choose_patch_and_batch,
     coarser,
     deep_enough,
     make_plan,
     stride_factors,
     target_spacing,
+    training_length,
 )
 
 from .helpers import output, run_cli
@@ -149,6 +151,19 @@ def test_time_budget_shrinks_the_patch_to_its_floor_then_coarsens_the_spacing(da
     met = make_plan(fp, "mixed", Budget(2**40, 600, patch_seconds=float(roomy.flops)), seconds_per_flop=1.0)
     assert met.spacing == roomy.spacing and met.patch == roomy.patch
     assert not any("low resolution" in n for n in met.notes)
+
+
+@pytest.mark.parametrize("step_seconds", [0.05, 0.3, 1.33, 7.0])
+def test_training_length_ends_on_a_validation_epoch(step_seconds):
+    """The last epoch is validated (Lightning validates every val_every-th epoch), >= 2 rounds, inside the budget."""
+    plan = Plan(
+        root="x", precision="mixed", device="cpu", spacing=[2.0] * 3, median_shape=[68, 85, 69], min_shape=[68, 85, 69],
+        patch=[80, 96, 64], batch=2, filters=[16, 32, 64, 128, 256], strides=[[1] * 3] + [[2] * 3] * 4, memory=0,
+        budget=Budget(memory=2**30, time_seconds=540), flops=1, step_seconds=step_seconds,
+    )  # fmt: skip
+    training_length(plan, num_cases=10, val_fraction=0.2)
+    assert plan.epochs % plan.val_every == 0 and plan.epochs // plan.val_every >= 2 or plan.epochs == plan.val_every
+    assert plan.epochs * (8 // plan.batch) * step_seconds <= 540 or plan.epochs == plan.val_every, plan
 
 
 def test_coarser_makes_anisotropic_spacing_less_so():

@@ -219,8 +219,11 @@ def training_length(plan: Plan, num_cases: int, val_fraction: float) -> None:
     seconds = plan.budget.time_seconds * TRAIN_SHARE - min(
         test_pass + rounds * val_round, VAL_SHARE * plan.budget.time_seconds
     )
-    plan.epochs = int(np.clip(seconds / (steps_per_epoch * plan.step_seconds), 1, 1000))
-    plan.val_every = max(1, math.ceil(plan.epochs / rounds))
+    epochs = int(np.clip(seconds / (steps_per_epoch * plan.step_seconds), 1, 1000))
+    plan.val_every = max(1, math.ceil(epochs / rounds))
+    # a whole number of validation rounds: Lightning validates every val_every-th epoch, and the last epochs, where
+    # the LR schedule has annealed, must be validated (else the best checkpoint can never be the final weights)
+    plan.epochs = max(plan.val_every, epochs // plan.val_every * plan.val_every)
 
 
 def make_plan(
