@@ -319,9 +319,9 @@ def test_a_job_started_again_in_its_run_directory_keeps_its_plan(plan_file, tmp_
     base = ["data=msd", f"data.root={root}", "planner.measure=false", "+precision=mixed"]
     _, first = _planned([*base, "planner.memory=200M"], tmp_path)
     saved = (tmp_path / "training_plan.yaml").read_text()
-    _, other = _planned([*base, "planner.memory=60M"], tmp_path / "elsewhere")  # what planning again would give
+    _, other = _planned([*base, "planner.memory=120M"], tmp_path / "elsewhere")  # what planning again would give
     assert list(other.data.patch_size) != list(first.data.patch_size) or other.data.batch_size != first.data.batch_size
-    _, again = _planned([*base, "planner.memory=60M"], tmp_path)
+    _, again = _planned([*base, "planner.memory=120M"], tmp_path)
     assert list(again.data.patch_size) == list(first.data.patch_size) and again.data.batch_size == first.data.batch_size
     assert (tmp_path / "training_plan.yaml").read_text() == saved
 
