@@ -37,6 +37,12 @@ def header_geometry(images: Iterable[str | Path]) -> tuple[np.ndarray, np.ndarra
     return np.stack(zooms), np.stack(shapes)
 
 
+def num_validation(num_cases: int, val_fraction: float) -> int:
+    """Cases held out for validation when `val_fraction` of `num_cases` is asked for: at least one. Also read by
+    `medseg.planning` (the training length counts them)."""
+    return max(1, round(num_cases * val_fraction))
+
+
 class MSDDataModule(pl.LightningDataModule):
     """Reads channels, label names and the training list from `root/dataset.json`.
 
@@ -161,7 +167,7 @@ class MSDDataModule(pl.LightningDataModule):
         items = self.datalist()
         order = np.random.default_rng(self.seed).permutation(len(items))
         if self.num_folds is None:
-            n_val = max(1, round(len(items) * self.val_fraction))
+            n_val = num_validation(len(items), self.val_fraction)
             val_idx = set(order[len(items) - n_val :].tolist())
         else:
             val_idx = set(np.array_split(order, self.num_folds)[self.fold].tolist())

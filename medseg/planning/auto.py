@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from medseg.config_check import ConfigError
+from medseg.data.datamodule import num_validation
 from medseg.planning.fingerprint import read_fingerprint
 from medseg.planning.measure import measure_steps
 from medseg.planning.planner import (
@@ -96,7 +97,7 @@ def plan_dataset(
     whose peak memory is over the memory budget, is planned again with the correction, and a log line says so."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     fp = read_fingerprint(root)
-    train_cases = fp.num_cases - max(1, round(fp.num_cases * val_fraction))
+    train_cases = fp.num_cases - num_validation(fp.num_cases, val_fraction)
     budget = make_budget(device, time, memory, patch_seconds, train_cases)
     dtype = low_dtype(precision, device)
     plan = make_plan(fp, precision, budget, device, val_fraction=val_fraction)
@@ -140,8 +141,8 @@ def plan_dataset(
             seconds_per_flop = measured_spf
             continue
         if budget.patch_seconds is not None and not regrown and measured_spf * SLACK < seconds_per_flop:
-            # the calibration ran at batch 2 and a smaller patch, slower per voxel than the plan's own steps: plan
-            # once more at the measured speed, which may keep a larger patch (measured again before it is taken)
+            # the calibration ran at the memory plan's patch scaled down, slower per voxel than the plan's own steps:
+            # plan once more at the measured speed, which may keep a larger patch (measured again before it is taken)
             log.info("plan: patch %s batch %d ran faster than calibrated: planning again", plan.patch, plan.batch)
             seconds_per_flop, regrown = measured_spf, True
             continue

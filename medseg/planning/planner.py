@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from medseg.config_check import ConfigError
+from medseg.data.datamodule import num_validation
 from medseg.models.dynunet import kernels_and_strides
 from medseg.planning.fingerprint import Fingerprint
 from medseg.planning.memory import StepCost, step_cost
@@ -207,7 +208,7 @@ def training_length(plan: Plan, num_cases: int, val_fraction: float) -> None:
     VAL_SHARE of the budget), over the time of one epoch; `trainer.max_time` stays the hard stop."""
     if not plan.step_seconds:
         return
-    num_val = max(1, round(num_cases * val_fraction))
+    num_val = num_validation(num_cases, val_fraction)
     steps_per_epoch = max(1, (num_cases - num_val) // plan.batch)
     halves = np.maximum(np.asarray(plan.median_shape) / np.asarray(plan.patch), 1)
     windows = np.prod(np.ceil(halves * 2 - 1))  # overlap 0.5
