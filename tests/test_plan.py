@@ -21,7 +21,7 @@ from medseg.data.synthetic import LABELS, make_case
 from medseg.models.dynunet import build_dynunet
 from medseg.plan import main as plan_main
 from medseg.planning.apply import planned_config
-from medseg.planning.auto import parse_bytes, parse_duration, plan_dataset
+from medseg.planning.auto import make_budget, parse_bytes, parse_duration, plan_dataset
 from medseg.planning.fingerprint import read_fingerprint
 from medseg.planning.memory import step_cost
 from medseg.planning.plan_file import plan_yaml
@@ -227,6 +227,10 @@ def test_budget_parsing():
     assert parse_bytes("8G") == 8 * 2**30 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes(1000) == 1000
     with pytest.raises(ConfigError, match="time budget"):
         parse_duration("soon")
+    assert make_budget("cpu", "10m", "1G", None, train_cases=8).patch_seconds == pytest.approx(600 * 0.9 / 800)
+    for bad in (0, -1.0):
+        with pytest.raises(ConfigError, match="^planner.patch_seconds must be a positive number"):
+            make_budget("cpu", "10m", "1G", bad, train_cases=8)
 
 
 # --- under the command line: plan=auto / plan=<file>, inside a real Hydra app context -------------------------------

@@ -66,6 +66,8 @@ def make_budget(
     """Budgets with their defaults: the memory share of the device; on a CPU a time per patch that lets the
     budget draw PATCHES_PER_CASE patches from each of the `train_cases` (a GPU is fast enough that memory decides)."""
     seconds = parse_duration(time)
+    if patch_seconds is not None and not patch_seconds > 0:
+        raise ConfigError(f"planner.patch_seconds must be a positive number of seconds, got {patch_seconds!r}")
     if patch_seconds is None and device == "cpu":
         patch_seconds = seconds * TRAIN_SHARE / (PATCHES_PER_CASE * max(1, train_cases))
     mem = parse_bytes(memory) if memory is not None else default_memory(device)
