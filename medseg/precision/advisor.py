@@ -11,6 +11,7 @@ order: forward before backward. Inside a block that has no hooked child doing it
 """
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,9 +234,16 @@ class PrecisionAdvisor:
             self.headroom.load_state_dict(state.get("headroom", {}))
 
 
-def overflow_line(culprit: Culprit | None, step: int, scale: float) -> str:
-    """The console line for one overflow step."""
+def overflow_line(culprit: Culprit | None, step: int, scale: float, nonfinite: Sequence[str] = ()) -> str:
+    """The console line for one overflow step; ``nonfinite``: the modules, in parameter order, whose gradients in
+    the step itself held inf/NaN, named when the re-run does not reproduce the overflow (a kernel that is not
+    deterministic, say). An inf made in one module's backward reaches every module before it, so the line names the
+    last ones: in a net registered in forward order, those nearest the output, where it started."""
     if culprit is None:
-        return f"precision advisor: step {step} overflowed (scale {scale:g}), not reproduced when re-run"
+        line = f"precision advisor: step {step} overflowed (scale {scale:g}), not reproduced when re-run"
+        if nonfinite:
+            last = ", ".join(reversed(nonfinite[-3:]))
+            line += f"; non-finite gradients in the step itself in {len(nonfinite)} module(s), the last: {last}"
+        return line
     where = f"first non-finite {culprit.where} in {culprit.name}"
     return f"precision advisor: step {step} overflowed (scale {scale:g}): {where}"

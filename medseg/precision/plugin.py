@@ -309,9 +309,12 @@ class MasterWeightPrecision(Precision):
             # Lightning's own wrapping (private; the public path is only taken once, at setup)
             strategy.model = strategy._setup_model(strategy.model.module)  # type: ignore[attr-defined]
 
-    def _advise(self, optimizer: Optimizer, model: "pl.LightningModule", closure: Callable[[], Any]) -> None:
+    def _advise(
+        self, optimizer: Optimizer, model: "pl.LightningModule", closure: Callable[[], Any], nonfinite: list[str]
+    ) -> None:
         """On an overflow step: re-run the batch with the advisor's hooks, count its culprit, promote it when the
-        rule says so. The re-run's gradients are dropped; the step stays skipped."""
+        rule says so. The re-run's gradients are dropped; the step stays skipped. ``nonfinite``: the modules whose
+        gradients in the step itself held inf/NaN, named when the re-run does not overflow."""
         assert self.advisor is not None and self.scaler is not None
         step, scale = model.trainer.global_step, self.scaler.scale
         culprit = locate(closure, model)
@@ -319,7 +322,7 @@ class MasterWeightPrecision(Precision):
             for p in entry.low_model:
                 p.grad = None
         optimizer.zero_grad(set_to_none=True)
-        rank_zero_only(log.info)(overflow_line(culprit, step, scale))
+        rank_zero_only(log.info)(overflow_line(culprit, step, scale, nonfinite))
         decision = self.advisor.record(culprit, step, scale) if culprit is not None else None
         if decision is not None:
             self._decide(model, decision)
@@ -438,10 +441,11 @@ class MasterWeightPrecision(Precision):
         overflow = found_inf is not None and bool(found_inf.item())  # the step's one host sync
 
         if overflow:
+            nonfinite = self._nonfinite_modules(entry, model) if self.advisor is not None else []
             optimizer.zero_grad(set_to_none=True)  # master grads; the model's were released above
             scale = self.scaler.scale
             if self.advisor is not None:
-                self._advise(optimizer, model, closure)
+                self._advise(optimizer, model, closure, nonfinite)
             self.scaler.update(True)
             self._record(overflow=True, grad_norm=None)
             self._check_skips(model, scale)
@@ -480,6 +484,14 @@ class MasterWeightPrecision(Precision):
         if entry.low_model:
             with torch.no_grad():
                 torch._foreach_copy_(entry.low_model, entry.low_master)
+
+    @staticmethod
+    def _nonfinite_modules(entry: _Masters, model: nn.Module) -> list[str]:
+        """Modules, in parameter order, whose gradient in this step (now the masters' grads) holds inf/NaN. Only
+        on overflow steps: one finiteness check per parameter."""
+        pairs = [*zip(entry.low_model, entry.low_master, strict=True), *((p, p) for p in entry.fp32_params)]
+        bad = {id(p) for p, m in pairs if m.grad is not None and not bool(torch.isfinite(m.grad).all())}
+        return list(dict.fromkeys(n.rsplit(".", 1)[0] for n, p in model.named_parameters() if id(p) in bad))
 
     def _grads_to_masters(self, entry: _Masters) -> list[Tensor]:
         """Move the low-precision gradients into the masters' FP32 grads; returns every master gradient."""
