@@ -18,16 +18,20 @@ SABlock scales after q.k^T (limit 65504 x scale on the scaled logit), WindowAtte
 
 import argparse
 import copy
+import math
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from monai.networks.blocks import SABlock
 from monai.networks.nets.swin_unetr import WindowAttention
+from omegaconf import OmegaConf
 from torch import nn
 
-from medseg.checkpoint import fp32_net_state, load_checkpoint
+from medseg.checkpoint import CheckpointError, fp32_net_state, load_checkpoint
+from medseg.inference.ensemble import best_checkpoint
 from medseg.precision.attention import attention_in_fp32
+from medseg.precision.headroom import FP16_MAX
 from medseg.tracking.tables import markdown_table
 
 
@@ -76,17 +80,12 @@ def measure(gains: list[float]) -> list[dict]:
     return rows
 
 
-FP16_MAX = 65504.0
-
-
 def trained(run: Path, volumes: int) -> dict:
     """Largest |attention logit| of `run`'s best checkpoint on centre patches of `volumes` validation volumes."""
-    from omegaconf import OmegaConf
-
-    ckpts = sorted((run / "checkpoints").glob("epoch*.ckpt"), key=lambda p: float(p.stem.split("dice")[-1]))
-    if not ckpts:
+    try:
+        ckpt_path = best_checkpoint(run)
+    except CheckpointError:  # a run stopped before it saved one
         return {"run": f"{run.parent.name}/{run.name}", "checkpoint": "none saved"}
-    ckpt_path = ckpts[-1]
     ckpt = load_checkpoint(ckpt_path)
     net = instantiate(ckpt["hyper_parameters"]["inference"]["net"])
     net.load_state_dict(fp32_net_state(ckpt))
@@ -121,7 +120,7 @@ def trained(run: Path, volumes: int) -> dict:
         "block": kind,
         "max abs logit": found[kind],
         "FP16 limit": limits[kind],
-        "headroom bits": torch.log2(torch.tensor(limits[kind] / found[kind])).item(),
+        "headroom bits": math.log2(limits[kind] / found[kind]),
     }
 
 

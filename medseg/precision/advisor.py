@@ -235,10 +235,10 @@ class PrecisionAdvisor:
 
 
 def overflow_line(culprit: Culprit | None, step: int, scale: float, nonfinite: Sequence[str] = ()) -> str:
-    """The console line for one overflow step; ``nonfinite``: the modules, in parameter order, whose gradients in
-    the step itself held inf/NaN, named when the re-run does not reproduce the overflow (a kernel that is not
-    deterministic, say). An inf made in one module's backward reaches every module before it, so the line names the
-    last ones: in a net registered in forward order, those nearest the output, where it started."""
+    """The console line for one overflow step; ``nonfinite``: the modules, in the optimizer's parameter order, whose
+    gradients in the step itself held inf/NaN, named when the re-run does not reproduce the overflow (a kernel that
+    is not deterministic, say). An inf made in one module's backward reaches every module before it, so the line
+    names the last ones: in a net registered in forward order, those nearest the output, where it started."""
     if culprit is None:
         line = f"precision advisor: step {step} overflowed (scale {scale:g}), not reproduced when re-run"
         if nonfinite:

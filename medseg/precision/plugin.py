@@ -441,7 +441,7 @@ class MasterWeightPrecision(Precision):
         overflow = found_inf is not None and bool(found_inf.item())  # the step's one host sync
 
         if overflow:
-            nonfinite = self._nonfinite_modules(entry, model) if self.advisor is not None else []
+            nonfinite = self._nonfinite_modules(entry) if self.advisor is not None else []
             optimizer.zero_grad(set_to_none=True)  # master grads; the model's were released above
             scale = self.scaler.scale
             if self.advisor is not None:
@@ -486,12 +486,12 @@ class MasterWeightPrecision(Precision):
                 torch._foreach_copy_(entry.low_model, entry.low_master)
 
     @staticmethod
-    def _nonfinite_modules(entry: _Masters, model: nn.Module) -> list[str]:
-        """Modules, in parameter order, whose gradient in this step (now the masters' grads) holds inf/NaN. Only
-        on overflow steps: one finiteness check per parameter."""
-        pairs = [*zip(entry.low_model, entry.low_master, strict=True), *((p, p) for p in entry.fp32_params)]
-        bad = {id(p) for p, m in pairs if m.grad is not None and not bool(torch.isfinite(m.grad).all())}
-        return list(dict.fromkeys(n.rsplit(".", 1)[0] for n, p in model.named_parameters() if id(p) in bad))
+    def _nonfinite_modules(entry: _Masters) -> list[str]:
+        """Modules, in the optimizer's parameter order, whose gradient in this step (now the masters' grads) holds
+        inf/NaN. Only on overflow steps: one finiteness check per parameter, read back once."""
+        named = [(n, m.grad) for n, m in zip(entry.names, entry.master_params, strict=True) if m.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for _, g in named]).tolist() if named else []
+        return list(dict.fromkeys(n.rsplit(".", 1)[0] for (n, _), ok in zip(named, finite, strict=True) if not ok))
 
     def _grads_to_masters(self, entry: _Masters) -> list[Tensor]:
         """Move the low-precision gradients into the masters' FP32 grads; returns every master gradient."""
