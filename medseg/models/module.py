@@ -199,5 +199,6 @@ class SegmentationModule(pl.LightningModule):
         optimizer = self.optimizer_fn(self.parameters())
         if self.scheduler_fn is None:
             return optimizer
-        scheduler = self.scheduler_fn(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        # A function, read at the first decaying step: see warmup_decay for why not now.
+        scheduler = self.scheduler_fn(optimizer, total_steps=lambda: self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
