@@ -28,8 +28,7 @@ from monai.networks.nets.swin_unetr import WindowAttention
 from omegaconf import OmegaConf
 from torch import nn
 
-from medseg.checkpoint import CheckpointError, fp32_net_state, load_checkpoint
-from medseg.inference.ensemble import best_checkpoint
+from medseg.checkpoint import CheckpointError, best_checkpoint, fp32_net_state, load_checkpoint
 from medseg.precision.attention import attention_in_fp32
 from medseg.precision.headroom import FP16_MAX
 from medseg.tracking.tables import markdown_table

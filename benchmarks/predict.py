@@ -246,7 +246,7 @@ def validation_split(run: Path) -> tuple[list[dict], list[str]]:
 
 
 def dice(args: argparse.Namespace) -> dict:
-    from medseg.inference.ensemble import best_checkpoint
+    from medseg.checkpoint import best_checkpoint
 
     run = Path(args.run)
     items, names = validation_split(run)

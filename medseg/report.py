@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from medseg.checkpoint import best_checkpoint
 from medseg.precision.plan import PLAN_FILE, load_plan
 from medseg.tracking.plots import plot_loss_scale, plot_performance, plot_precision, plot_training
-from medseg.tracking.runs import RunLog, best_checkpoint, find_runs, load_run, summary_table
+from medseg.tracking.runs import RunLog, find_runs, load_run, summary_table
 
 
 def predict_val_case(run: RunLog, index: int = 0, device: str = "cpu") -> dict[str, Any]:
@@ -32,8 +33,6 @@ def predict_val_case(run: RunLog, index: int = 0, device: str = "cpu") -> dict[s
     from medseg.predict import Predictor
 
     ckpt = best_checkpoint(run.path)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run.path}: no checkpoint to predict with")
     data_cfg = {**run.config["data"], "validate": False, "synthesize": None}
     datamodule = instantiate(data_cfg)
     _, val = datamodule.split()

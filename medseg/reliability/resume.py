@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from medseg.checkpoint import CheckpointError, UnreadableCheckpointError, load_checkpoint
+from medseg.checkpoint import CheckpointError, UnreadableCheckpointError, differences, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +27,12 @@ def candidates(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def differences(saved: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
-    """`key: <saved> in the checkpoint, <expected> now` for every key (nested dicts flattened) that differs."""
-    out = []
-    for key in sorted(set(saved) | set(expected)):
-        a, b = saved.get(key), expected.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now")
-    return out
-
-
 def check_compatible(path: Path, ckpt: dict, expected: dict[str, Any]) -> None:
     """Raise CheckpointError naming `path` and the first settings where `ckpt` was made for another run."""
-    diff = differences(ckpt["hyper_parameters"]["inference"], expected)
+    diff = [
+        f"{k}: {a!r} in the checkpoint, {b!r} now"
+        for k, a, b in differences(ckpt["hyper_parameters"]["inference"], expected)
+    ]
     if diff:
         raise CheckpointError(
             f"{path}: written for another model or dataset ({'; '.join(diff[:3])}). ckpt_path=last does not skip it "

@@ -3,7 +3,6 @@ and the table a reviewer compares runs by. Reads files only; nothing here trains
 
 import csv
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,16 +130,6 @@ def load_wandb_api_run(run_path: str, samples: int = 100_000) -> RunLog:
     rows = list(api_run.scan_history(page_size=min(samples, 10_000)))
     config = {k: v for k, v in api_run.config.items() if not k.startswith("_")}
     return RunLog(Path(run_path), config, _series(rows, STEP_KEY), "wandb-api", name=api_run.name)
-
-
-def best_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint with the highest Dice in its file name (`epoch...-dice0.1234.ckpt`), else last.ckpt."""
-    folder = Path(run_dir) / "checkpoints"
-    scored = [(float(m.group(1)), p) for p in folder.glob("*.ckpt") if (m := re.search(r"dice(\d+\.\d+)", p.name))]
-    if scored:
-        return max(scored)[1]
-    last = folder / "last.ckpt"
-    return last if last.is_file() else None
 
 
 def summary_rows(runs: list[RunLog]) -> list[dict[str, Any]]:
