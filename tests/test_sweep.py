@@ -2,6 +2,7 @@
 failing job, an Optuna study), DDP on 2 CPU processes, and the SLURM launcher's sbatch script without a cluster."""
 
 import csv
+import itertools
 import json
 import subprocess
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -198,11 +200,32 @@ def test_slurm_launcher_sbatch(tmp_path, monkeypatch):
     assert executors[0]._executor.max_num_timeout == 0  # Lightning requeues, not submitit
 
 
+def _jobs(preset: str) -> list[DictConfig]:
+    """The composed config of every job the preset's sweeper launches (Hydra's own parser expands the values)."""
+    params = _compose([_sweep(preset)]).hydra.sweeper.params
+    axes = [[f"{key}={value}" for value in OverridesParser.create().parse_override(f"{key}={values}").sweep_iterator()]
+            for key, values in params.items()]  # fmt: skip
+    return [_compose([_sweep(preset), *job]) for job in itertools.product(*axes)]
+
+
+def _without(cfg: DictConfig, *keys: str) -> dict:
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    return {k: v for k, v in plain.items() if k not in ("hydra", *keys)}
+
+
 def test_sweep_presets():
-    precision = _compose([_sweep("precision")]).hydra
-    assert dict(precision.sweeper.params) == {"+precision": "fp32,amp,mixed"}
-    assert precision.sweep.dir.endswith("_precision")  # the W&B group name says which sweep it was
-    assert "model.optimizer.lr" in _compose([_sweep("lr")]).hydra.sweeper.params
+    """sweep=precision: one job per precision mode (fp32 weights, Lightning's autocast, medseg's plugin), equal in
+    everything else (seed, data, steps); sweep=lr: a learning-rate grid, equal in everything else."""
+    jobs = _jobs("precision")
+    assert [job.precision.name for job in jobs] == ["fp32", "amp", "mixed"]
+    assert [job.precision.get("lightning") for job in jobs] == ["32-true", "16-mixed", None]
+    assert jobs[2].precision.plugin._target_.endswith("MasterWeightPrecision")
+    assert all(_without(job, "precision") == _without(jobs[0], "precision") for job in jobs)
+    assert jobs[0].hydra.sweep.dir.endswith("_precision")  # the W&B group name says which sweep it was
+    lrs = _jobs("lr")
+    assert len({job.model.optimizer.lr for job in lrs}) == len(lrs) >= 3
+    assert all(_without(job, "model") == _without(lrs[0], "model") for job in lrs)
+    assert all({**job.model, "optimizer": None} == {**lrs[0].model, "optimizer": None} for job in lrs)
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = _compose([_sweep("optuna")])
     assert cfg.precision.name == "mixed" and cfg.hydra.sweeper.direction == "maximize"

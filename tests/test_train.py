@@ -3,6 +3,7 @@
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,14 +112,25 @@ def test_train_false_tests_a_checkpoint(tiny_cfg):
     state = _last_checkpoint(tiny_cfg)
     with pytest.raises(ConfigError, match="ckpt_path"):
         train(tiny_cfg("train=false"))
-    ckpt = str(Path(tiny_cfg().paths.output_dir).with_name("run") / "checkpoints" / "last.ckpt")
-    cfg = tiny_cfg("+precision=mixed", "train=false", f"ckpt_path={ckpt}", "model.test_mirror_axes=[0,1,2]")
-    cfg.paths.output_dir += "_test"
-    train(cfg)
-    metrics = list(csv.DictReader(open(f"{cfg.paths.output_dir}/csv/metrics.csv")))
-    tested = [row for row in metrics if row.get("test/dice")]
-    assert len(tested) == 1 and 0 <= float(tested[0]["test/dice"]) <= 1
-    assert not any(row.get("train/loss") for row in metrics)  # nothing was trained
+    run = Path(tiny_cfg().paths.output_dir).with_name("run")
+    [validated] = [float(r["val/dice"]) for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("val/dice")]
+    assert validated > 0.01  # the net predicts something, so a wrong checkpoint or split shows in the Dice
+
+    def test_dice(*extra: str, name: str) -> float:
+        cfg = tiny_cfg("+precision=mixed", "train=false", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *extra)
+        cfg.paths.output_dir += name
+        train(cfg)
+        metrics = list(csv.DictReader(open(f"{cfg.paths.output_dir}/csv/metrics.csv")))
+        assert not any(row.get("train/loss") for row in metrics)  # nothing was trained
+        [tested] = [row for row in metrics if row.get("test/dice")]
+        per_class = [float(v) for k, v in tested.items() if k.startswith("test/dice/") and v]
+        assert len(per_class) == 2 and float(tested["test/dice"]) == pytest.approx(np.mean(per_class), abs=1e-6)
+        return float(tested["test/dice"])
+
+    # last.ckpt was saved after the epoch's validation round: unmirrored, the test pass scores that round again
+    assert test_dice("model.test_mirror_axes=[]", name="_test") == pytest.approx(validated, abs=1e-5)
+    mirrored = test_dice("model.test_mirror_axes=[0,1,2]", name="_mirrored")
+    assert mirrored != validated and abs(mirrored - validated) < 0.1  # 8 flipped passes averaged: close, not equal
     assert state["global_step"] > 0
 
 
