@@ -9,6 +9,9 @@ known, and on a CPU shared with nothing else it still varies with the patch nnU-
 everything of `nnUNetTrainer` (network, loss, SGD, augmentation, 250 + 50 iterations an epoch) and only
 - re-plans the epoch count after every epoch (epochs done + the remaining time over the mean epoch time), so the
   poly learning rate reaches 0 at the deadline, as nnU-Net's own schedule does at its last epoch;
+- shortens the epoch when fewer than MIN_EPOCHS of nnU-Net's 250 + 50 iterations fit in the budget (timed over
+  the first PROBE_ITERATIONS steps): the poly LR steps once an epoch, and at 2-3 epochs (hippocampus, 30 min on
+  2 CPU cores) or less than one (BraTS 2 mm, 9 min) it would hardly decay; the 250:50 ratio is kept;
 - stops at the deadline even mid-epoch (the hard stop `trainer.max_time` is for medseg) and saves
   `checkpoint_final.pth`;
 - skips the validation pass nnUNetv2_train runs after training: the comparison predicts with `nnUNetv2_predict`.
@@ -29,6 +32,9 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 CUDA = torch.device("cuda")  # nnUNetTrainer's default device argument
+MIN_EPOCHS = 10  # poly-LR steps a budget should hold at least
+PROBE_ITERATIONS = 5  # training steps timed before the epoch length is fitted (data-loader start-up included)
+VAL_COST = 1 / 3  # a validation iteration (forward only) against a training one
 
 
 class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 - nnU-Net finds trainers by this naming scheme
@@ -47,6 +53,19 @@ class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 - nnU-Net finds trainers
         self.num_epochs = min(self.max_epochs, self.current_epoch + fits)
         self.lr_scheduler.max_steps = max(self.num_epochs, 1)
 
+    def fit_epoch_length(self, seconds: float, iterations: int, budget_left: float) -> None:
+        """Fewer iterations an epoch (both kinds, in nnU-Net's ratio) when MIN_EPOCHS would not fit otherwise."""
+        per_iteration = seconds / iterations
+        epoch = per_iteration * (self.num_iterations_per_epoch + VAL_COST * self.num_val_iterations_per_epoch)
+        if budget_left < MIN_EPOCHS * epoch:
+            scale = budget_left / (MIN_EPOCHS * epoch)
+            self.num_iterations_per_epoch = max(PROBE_ITERATIONS, int(self.num_iterations_per_epoch * scale))
+            self.num_val_iterations_per_epoch = max(1, int(self.num_val_iterations_per_epoch * scale))
+            self.print_to_log_file(
+                f"budget: {per_iteration:.2f} s an iteration; epochs shortened to {self.num_iterations_per_epoch} "
+                f"+ {self.num_val_iterations_per_epoch} iterations so that {MIN_EPOCHS} fit"
+            )
+
     def run_training(self) -> None:
         self.on_train_start()
         start, epoch_seconds, stopped_mid_epoch = time.time(), [], False
@@ -55,11 +74,13 @@ class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 - nnU-Net finds trainers
             self.on_epoch_start()
             self.on_train_epoch_start()
             train_outputs = []
-            for _ in range(self.num_iterations_per_epoch):
+            while len(train_outputs) < self.num_iterations_per_epoch:  # fit_epoch_length may lower it
                 if time.time() >= self.deadline:
                     stopped_mid_epoch = True
                     break
                 train_outputs.append(self.train_step(next(self.dataloader_train)))
+                if self.current_epoch == 0 and len(train_outputs) == PROBE_ITERATIONS:
+                    self.fit_epoch_length(time.time() - began, PROBE_ITERATIONS, self.deadline - began)
             if stopped_mid_epoch:
                 break
             self.on_train_epoch_end(train_outputs)

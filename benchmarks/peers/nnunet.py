@@ -17,6 +17,9 @@ Prints one table (Dice per class, HD95, train wall, predict s/case, peak RAM) an
 and `<work>/peers.json`. Finished steps are kept in peers.json and skipped on a rerun (delete it to start over).
 Wall times include each command's start-up (imports, model loading); RAM is the peak summed RSS of the process
 tree (timed.py). medseg predicts without keep-largest-component (`postprocessing=none`), as nnUNetv2_predict does.
+Both tools get `--workers` (default 2, one per core here) loader processes: nnU-Net's `nnUNet_n_proc_DA` (training
+augmentation; its validation loader takes half), `-npp`/`-nps` of nnUNetv2_predict (its default, 3 and 3,
+oversubscribes 2 cores), `-np` of conversion and preprocessing; medseg's `data.num_workers` and `num_workers`.
 """
 
 import argparse
@@ -26,6 +29,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import nnunet_env
@@ -41,20 +45,21 @@ from medseg.planning.auto import parse_duration
 DATASET_ID = 990  # nnU-Net's id for the staged copy; every --work folder has its own nnU-Net folders
 # Smoke: a few steps and cases. nnU-Net: 2 train + 1 val iterations an epoch, 2 epochs; medseg: 2 batches an epoch.
 SMOKE_ITERATIONS, SMOKE_EPOCHS, SMOKE_CASES = "2,1", 2, 2
-SMOKE_MEDSEG = ["trainer.max_epochs=2", "trainer.limit_train_batches=2", "planner.measure=false"]
+SMOKE_MEDSEG = ["trainer.max_epochs=2", "++trainer.limit_train_batches=2", "trainer.check_val_every_n_epoch=1"]
+SMOKE_MEDSEG += ["planner.measure=false"]  # no calibration steps: the epochs are given
 MEDSEG_MODES = {"mixed": "auto", "fp32": "fp32"}  # training precision -> medseg.predict dtype
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("msd", nargs="?", type=Path, help="MSD folder (dataset.json, imagesTr/, labelsTr/)")
-    p.add_argument("--budget", default="30m", help="training wall clock for each tool and mode (30m, 9m, 90s)")
+    p.add_argument("--budget", default=None, help="training wall clock for each tool and mode (30m, 9m, 90s)")
     p.add_argument("--fold", type=int, default=0, help="with --folds: the fold to run")
     p.add_argument("--folds", type=int, default=None, help="k-fold split (data.num_folds); default medseg's hold-out")
     p.add_argument("--work", type=Path, default=Path("peers_work"), help="everything is written here")
     p.add_argument("--smoke", action="store_true", help="a few steps and cases (synthetic data without a folder)")
     p.add_argument("--cases", type=int, default=None, help="predict only the first N validation cases")
-    p.add_argument("--workers", type=int, default=2, help="data-loader processes of both tools (nnUNet_n_proc_DA)")
+    p.add_argument("--workers", type=int, default=None, help="loader processes of both tools (default 2, smoke 1)")
     p.add_argument("--tools", nargs="+", default=["nnunet", "medseg-mixed", "medseg-fp32"])
     p.add_argument("--step-speed", action="store_true", help="also time the training step (step_speed.py)")
     p.add_argument("--nnunet-version", default=nnunet_env.NNUNET_VERSION)
@@ -64,8 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("an MSD folder is needed (only --smoke writes a synthetic one)")
     if args.folds is not None and not 0 <= args.fold < args.folds:
         p.error(f"--fold must be in [0, --folds={args.folds}), got {args.fold}")
-    if args.smoke and args.cases is None:
-        args.cases = SMOKE_CASES
+    if args.smoke:
+        args.cases = args.cases or SMOKE_CASES
+    args.budget = args.budget or ("2m" if args.smoke else "30m")
+    args.workers = args.workers if args.workers is not None else (1 if args.smoke else 2)
     return args
 
 
@@ -211,6 +218,7 @@ class Comparison:
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = [nnunet_env.tool(self.venv, "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out)]
                 cmd += ["-d", str(DATASET_ID), "-c", "3d_fullres", "-f", fold, *trainer, "-device", "cpu", *extra]
+                cmd += ["-npp", str(a.workers), "-nps", str(a.workers)]  # as medseg.predict's num_workers
                 t = run_timed(cmd, logs / f"nnunet_predict_{self.fold_key}_{tta}.log", env)
                 return {"seconds": t.seconds, "s_per_case": t.seconds / len(val_ids), "peak_mib": t.peak_mib}
 
@@ -278,6 +286,7 @@ class Comparison:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # MONAI's deprecation notes inside medseg.evaluate
     return Comparison(parse_args(argv)).run()
 
 
