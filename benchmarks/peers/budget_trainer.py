@@ -47,9 +47,10 @@ class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 - nnU-Net finds trainers
         self.num_epochs = self.max_epochs
 
     def replan_epochs(self, epoch_seconds: list[float]) -> None:
-        """Epochs so far + the whole epochs that fit before the deadline; the poly LR follows the new length."""
+        """Epochs so far + the epochs left before the deadline, rounded (the deadline stops a last epoch that runs
+        over it); the poly LR follows the new length."""
         remaining = self.deadline - time.time()
-        fits = int(remaining // float(np.mean(epoch_seconds))) if remaining > 0 else 0
+        fits = round(remaining / float(np.mean(epoch_seconds))) if remaining > 0 else 0
         self.num_epochs = min(self.max_epochs, self.current_epoch + fits)
         self.lr_scheduler.max_steps = max(self.num_epochs, 1)
 

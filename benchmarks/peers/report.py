@@ -58,7 +58,7 @@ def table(results: dict) -> tuple[str, list[dict]]:
 
 def step_table(step: dict) -> str:
     rows = [
-        {"tool": r["tool"], "precision": r["precision"], "ms/step": r["step_ms"], "vs nnU-Net fp32": r["ratio"]}
+        {"tool": r["tool"], "precision": r["precision"], "s/step": r["step_ms"] / 1000, "vs nnU-Net fp32": r["ratio"]}
         for r in step["rows"]
     ]
     return f"patch {step['patch']}, batch {step['batch']}, {step['net']}\n\n" + markdown_table(rows)
