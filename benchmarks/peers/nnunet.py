@@ -17,6 +17,8 @@ Prints one table (Dice per class, HD95, train wall, predict s/case, peak RAM) an
 and `<work>/peers.json`. Finished steps are kept in peers.json and skipped on a rerun (delete it to start over).
 Wall times include each command's start-up (imports, model loading); RAM is the peak summed RSS of the process
 tree (timed.py). medseg predicts without keep-largest-component (`postprocessing=none`), as nnUNetv2_predict does.
+medseg preprocesses (and caches, one cache per mode) inside its budget; nnU-Net's preprocessing is timed apart.
+nnU-Net predicts with its default checkpoint_final.pth, medseg with its run's best checkpoint (its default).
 Both tools get `--workers` (default 2, one per core here) loader processes: nnU-Net's `nnUNet_n_proc_DA` (training
 augmentation; its validation loader takes half), `-npp`/`-nps` of nnUNetv2_predict (its default, 3 and 3,
 oversubscribes 2 cores), `-np` of conversion and preprocessing; medseg's `data.num_workers` and `num_workers`.
@@ -192,8 +194,9 @@ class Comparison:
             t = run_timed(cmd + ["-c", "3d_fullres", "-np", str(a.workers)], logs / "nnunet_preprocess.log", env)
             return {"seconds": t.seconds, "peak_mib": t.peak_mib}
 
-        self.results.setdefault("nnunet_preprocess", preprocess())  # once for every fold
-        self.save()
+        if "nnunet_preprocess" not in self.results:  # once for every fold
+            self.results["nnunet_preprocess"] = preprocess()
+            self.save()
         (preprocessed / "splits_final.json").write_text(json.dumps(splits, indent=1))
         fold = str(a.fold if a.folds else 0)
         trainer = ["-tr", nnunet_env.TRAINER]
@@ -235,7 +238,7 @@ class Comparison:
             shutil.rmtree(run_dir, ignore_errors=True)
             cmd = py + ["medseg.train", "data=msd", f"data.root={self.msd}", "plan=auto", f"planner.time={a.budget}"]
             cmd += [f"+precision={mode}", "logger=csv", f"hydra.run.dir={run_dir}", f"data.num_workers={a.workers}"]
-            cmd += [f"data.cache_dir={self.work / 'medseg' / 'cache'}"]
+            cmd += [f"data.cache_dir={self.work / 'medseg' / f'cache_{mode}'}"]  # each mode caches in its budget
             if a.folds:
                 cmd += [f"data.num_folds={a.folds}", f"data.fold={a.fold}"]
             t = run_timed(cmd + (SMOKE_MEDSEG if a.smoke else []), logs / f"{tool}_train_{self.fold_key}.log")
