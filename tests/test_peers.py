@@ -110,9 +110,7 @@ def test_smoke_comparison_runs_end_to_end(peers, tmp_path: Path) -> None:
     work = tmp_path / "work"
     venv = Path(os.environ.get("MEDSEG_PEERS_VENV", work / "venv"))
     cmd = [sys.executable, str(PEERS / "nnunet.py"), "--smoke", "--step-speed", "--work", str(work)]
-    done = subprocess.run(
-        cmd + ["--venv", str(venv)], capture_output=True, text=True, timeout=1800, cwd=REPO_ROOT
-    )
+    done = subprocess.run(cmd + ["--venv", str(venv)], capture_output=True, text=True, timeout=1800, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "(SMOKE: not a result)" in done.stdout and "| fold | tool | mode | mirroring | Dice organ |" in done.stdout
     rows = json.loads((work / "peers_table.json").read_text())
