@@ -43,6 +43,20 @@ def num_validation(num_cases: int, val_fraction: float) -> int:
     return max(1, round(num_cases * val_fraction))
 
 
+def split_indices(
+    num_cases: int, seed: int, val_fraction: float, fold: int = 0, num_folds: int | None = None
+) -> tuple[list[int], list[int]]:
+    """medseg's train/validation split of cases 0..num_cases-1: a seeded shuffle, then either the last
+    `val_fraction` or fold `fold` of `num_folds` for validation. Returns (train indices in shuffled order,
+    validation indices sorted). Also read by benchmarks/peers (the same cases for another tool)."""
+    order = np.random.default_rng(seed).permutation(num_cases)
+    if num_folds is None:
+        val_idx = set(order[num_cases - num_validation(num_cases, val_fraction) :].tolist())
+    else:
+        val_idx = set(np.array_split(order, num_folds)[fold].tolist())
+    return [int(i) for i in order if i not in val_idx], sorted(val_idx)
+
+
 class MSDDataModule(pl.LightningDataModule):
     """Reads channels, label names and the training list from `root/dataset.json`.
 
@@ -163,16 +177,10 @@ class MSDDataModule(pl.LightningDataModule):
             )
 
     def split(self) -> tuple[list[dict], list[dict]]:
-        """A seeded shuffle, then either the last `val_fraction` or fold `fold` of `num_folds` for validation."""
+        """`split_indices` of the datalist: (train items, validation items)."""
         items = self.datalist()
-        order = np.random.default_rng(self.seed).permutation(len(items))
-        if self.num_folds is None:
-            n_val = num_validation(len(items), self.val_fraction)
-            val_idx = set(order[len(items) - n_val :].tolist())
-        else:
-            val_idx = set(np.array_split(order, self.num_folds)[self.fold].tolist())
-        train = [items[i] for i in order if i not in val_idx]
-        val = [items[i] for i in sorted(val_idx)]
+        train_idx, val_idx = split_indices(len(items), self.seed, self.val_fraction, self.fold, self.num_folds)
+        train, val = [items[i] for i in train_idx], [items[i] for i in val_idx]
         if not train:
             raise ConfigError(
                 f"data.val_fraction: {self.root} has too few cases ({len(items)}) to hold out a validation split"
