@@ -27,6 +27,14 @@ from medseg.tracking.views import (
 )
 
 
+def saved(save, spec) -> str:
+    """`save(spec)`'s URL; a server error (no login, no such entity, no network) ends the command with one line."""
+    try:
+        return save(spec)
+    except Exception as err:  # noqa: BLE001 - W&B raises many kinds; the message is what the user needs
+        raise SystemExit(f"medseg.dashboard: saving to W&B failed: {type(err).__name__}: {err}") from None
+
+
 def report(target: str, entity: str | None, project: str) -> None:
     sweep_dir = Path(target)
     table = None
@@ -44,7 +52,7 @@ def report(target: str, entity: str | None, project: str) -> None:
     if sweep_dir.is_dir():
         print(f"  spec: {write_spec(sweep_dir / REPORT_FILE, report_json(spec))}")
     if entity:
-        print(f"  saved: {save_report(spec)}")
+        print(f"  saved: {saved(save_report, spec)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,11 +74,11 @@ def main(argv: list[str] | None = None) -> None:
             if not args.show:
                 if not space.entity:
                     raise SystemExit("medseg.dashboard: saving needs --entity (the run was offline: it has none)")
-                print(f"saved: {save_workspace(space)}")
+                print(f"saved: {saved(save_workspace, space)}")
         elif args.entity:
             space = workspace(args.entity, args.project or "medseg", args.labels.split(","), args.name)
             print(describe(space))
-            print(f"saved: {save_workspace(space)}")
+            print(f"saved: {saved(save_workspace, space)}")
         else:
             parser.error("give --print <run dir>, <run dir> --entity E, --entity E --project P, or --report <sweep>")
     except (FileNotFoundError, ImportError) as err:

@@ -103,6 +103,8 @@ def test_workspace_panels_show_keys_the_run_logged(mixed_run):
         assert not missing_keys(keys, run), f"{type(panel).__name__} {getattr(panel, 'title', '')}: " + ", ".join(
             missing_keys(keys, run)
         )
+    columns = [c.split(":", 1)[1] for c in space.runset_settings.pinned_columns if c.startswith("summary:")]
+    assert len(columns) == 4 and not missing_keys(columns, run)  # the runs table's pinned summary columns
     shown = {k for p in panels for k in panel_keys(p)}
     # per-class panels come from the run's own classes
     assert {"val/dice/organ", "val/dice/tumour", "test/hd95/tumour", "test/cases", "precision/plan"} <= shown

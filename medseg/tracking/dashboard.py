@@ -26,6 +26,7 @@ SWEPT_CONFIG_KEYS = (
     "precision.plugin.scaler.growth_interval",
 )
 BEST_DICE = "summary/best_val_dice"  # WandbRunSummary's best val/dice (the summary's `val/dice` is a max/last pair)
+RUN_COLUMNS = (BEST_DICE, "summary/skipped_steps", "summary/mean_step_time_s", "summary/peak_memory_mb")
 # W&B's line-series chart (`wandb.plot.line_series`), as WandbRunSummary logs the loss scale with overflow spikes
 LOSS_SCALE_TABLE = "precision/loss_scale_chart_table"
 LINE_SERIES_CHART = "wandb/lineseries/v0"
@@ -151,9 +152,15 @@ def workspace(entity: str, project: str, label_names: Sequence[str], name: str =
         name=name,
         sections=sections,
         settings=ws.WorkspaceSettings(x_axis=STEP_KEY),
+        # the runs table as the sweep table (summary.csv's columns): name, group, precision, then RUN_COLUMNS
         runset_settings=ws.RunsetSettings(
-            pinned_columns=["run:displayName", "config:precision.name.value", f"summary:{BEST_DICE}"]
-        ),  # fmt: skip
+            pinned_columns=[
+                "run:displayName",
+                "run:group",
+                "config:precision.name.value",
+                *(f"summary:{k}" for k in RUN_COLUMNS),
+            ]
+        ),
     )
 
 

@@ -6,17 +6,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from medseg.tracking.dashboard import BEST_DICE, panel_keys
+from medseg.tracking.dashboard import RUN_COLUMNS, panel_keys
 from medseg.tracking.offline import read_offline_run
 from medseg.tracking.runs import STEP_KEY
 
 # Bars: one per precision mode (runs grouped by `precision.name`, the `+precision=` option); every mode logs them.
-COMPARED = {
-    BEST_DICE: "Best val Dice",
-    "summary/skipped_steps": "Skipped steps",
-    "summary/mean_step_time_s": "Mean step time (s)",
-    "summary/peak_memory_mb": "Peak memory (MiB)",
-}
+COMPARED = dict(zip(RUN_COLUMNS, ["Best val Dice", "Skipped steps", "Mean step time (s)", "Peak memory (MiB)"],
+                    strict=True))  # fmt: skip
 # Curves, one line per run; the loss scale only exists for the modes that scale the loss (amp, mixed).
 CURVES = {
     "val/dice": "Validation Dice",
