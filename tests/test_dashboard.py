@@ -298,3 +298,10 @@ def test_report_of_a_precision_sweep(tiny_dataset, tmp_path, capsys):
         assert any(key in logged(r) for r in runs), key
     text = json.dumps(json.loads((sweep_dir / REPORT_FILE).read_text()))
     assert "precision=fp32" in text and "precision=mixed" in text  # the sweep table, job by job
+
+
+def test_dashboard_names_a_run_without_a_spec(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dashboard_main(["--print", str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert f"{tmp_path / WORKSPACE_FILE}: no workspace spec" in capsys.readouterr().err
