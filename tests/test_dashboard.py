@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -174,6 +175,16 @@ def test_per_case_table_from_the_test_pass(mixed_run):
         assert math.isclose(float(np.mean(values)), summary[f"test/{key}"], rel_tol=1e-5), key
 
 
+def written(path: Path, timeout: float = 60) -> Path:
+    """`path` once W&B's service has written the run's exit record: `run.finish()` can return before the service
+    process has flushed an offline run's file (seen under load)."""
+    deadline = time.monotonic() + timeout
+    while not any(r.WhichOneof("record_type") == "exit" for r in iter_records(path)):
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s"
+        time.sleep(0.2)
+    return path
+
+
 def test_evaluate_logs_the_same_table(tiny_dataset, tmp_path, monkeypatch):
     """`medseg.evaluate` with W&B: the same columns, one row per scored case, its slice over the case's image."""
     for key, value in wandb_env(tmp_path).items():
@@ -186,7 +197,7 @@ def test_evaluate_logs_the_same_table(tiny_dataset, tmp_path, monkeypatch):
     table = EvaluationTable(tiny_dataset / "imagesTr")
     summary = evaluate(pred, tiny_dataset / "labelsTr", tmp_path / "eval.csv", on_case=table)
     run_dir = table.log(summary, {"pred": str(pred)}, mode="offline", project="medseg", dir=str(tmp_path / "w"))
-    run = read_offline_run(next(run_dir.glob("*.wandb")))
+    run = read_offline_run(written(next(run_dir.glob("*.wandb"))))
     assert run.summary["test/dice/organ"] == 1.0 and run.summary["test/dice"] == 1.0
     logged_table = table_json(run_dir.parent.parent, "test/cases")
     assert logged_table["columns"] == ["case", "dice/organ", "dice/tumour", "hd95/organ", "hd95/tumour", "slice"]

@@ -168,7 +168,7 @@ class SegmentationModule(pl.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """Returns this batch's one-hot prediction `pred` (B, C, X, Y, Z) and per-case `dice` and `hd95` (B, C-1),
-        float32, for callbacks (`medseg.tracking.case_table.TestCaseTable`)."""
+        float32, for callbacks (`medseg.tracking.case_table.CaseTableLogger`)."""
         pred, target = self._one_hot_pair(batch, self.hparams.test_mirror_axes, self.test_torch_dtype)
         dice = self.dice(pred, target)
         self.dice_lcc(torch.stack([self.keep_largest(p) for p in pred]), target)

@@ -1,5 +1,5 @@
 """The per-case table a reviewer sorts failures by: case id, Dice and HD95 per class, and an axial slice with the
-label and the prediction as W&B masks. Logged as `test/cases` by the test pass after training (`TestCaseTable`) and
+label and the prediction as W&B masks. Logged as `test/cases` by the test pass after training (`CaseTableLogger`) and
 by `medseg.evaluate` when it scores predictions against labels."""
 
 import math
@@ -52,8 +52,9 @@ def columns(label_names: Sequence[str]) -> list[str]:
 
 
 def row(case: str, dice: Sequence[float], hd95: Sequence[float], image: Any) -> list:
-    """One table row; NaN (a class absent from label and prediction) becomes None, an empty cell."""
-    clean = [None if v is None or math.isnan(float(v)) else float(v) for v in [*dice, *hd95]]
+    """One table row; NaN (a class absent from label and prediction) or inf (absent from one of them, HD95)
+    becomes None, an empty cell."""
+    clean = [None if v is None or not math.isfinite(float(v)) else float(v) for v in [*dice, *hd95]]
     return [case, *clean, image]
 
 
@@ -74,7 +75,7 @@ def case_name(batch: dict, index: int, files: Sequence[dict] | None, position: i
     return f"case {position}"
 
 
-class TestCaseTable(pl.Callback):
+class CaseTableLogger(pl.Callback):
     """Logs `test/cases` at the end of a test pass with a W&B logger: one row per tested case from the module's
     `test_step` outputs (`pred` one-hot (B, C, X, Y, Z), per-case `dice`/`hd95` (B, C-1)). Each case's slice is
     rendered as it is tested, so only small 2D images are kept. A failure warns once and leaves the test running."""
@@ -96,7 +97,7 @@ class TestCaseTable(pl.Callback):
             self._add(outputs, batch, pl_module.label_names, files)
         except Exception as err:  # noqa: BLE001 - a table for the dashboard must never stop the test
             self.failed = True
-            warnings.warn(f"TestCaseTable: no per-case table ({type(err).__name__}: {err})", stacklevel=2)
+            warnings.warn(f"CaseTableLogger: no per-case table ({type(err).__name__}: {err})", stacklevel=2)
 
     def _add(self, outputs: dict, batch: dict, label_names: Sequence[str], files: Sequence[dict] | None) -> None:
         preds = outputs["pred"].argmax(1).cpu().numpy()  # (B, X, Y, Z)
