@@ -4,6 +4,7 @@ and a summary, with MONAI's metrics."""
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -12,9 +13,10 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from medseg import CONF_DIR
+from medseg.tracking.case_table import EvaluationTable
 
 
 def class_names(labels_dir: Path, num_classes: int, names: list[str] | None = None) -> list[str]:
@@ -37,9 +39,16 @@ def score_case(pred: np.ndarray, label: np.ndarray, num_classes: int, spacing) -
     return dice.tolist(), hd95.tolist()
 
 
-def evaluate(pred_dir: str | Path, labels_dir: str | Path, output: str | Path, names: list[str] | None = None) -> dict:
+def evaluate(
+    pred_dir: str | Path,
+    labels_dir: str | Path,
+    output: str | Path,
+    names: list[str] | None = None,
+    on_case: Callable[..., None] | None = None,
+) -> dict:
     """Score every mask in `pred_dir` against the same-named label; write the per-case CSV and return the
-    per-class means {"dice/<name>": ..., "hd95/<name>": ..., "dice": mean over classes}."""
+    per-class means {"dice/<name>": ..., "hd95/<name>": ..., "dice": mean over classes}. `on_case(name, pred,
+    label, dice, hd95, names)` is called for each case (the W&B per-case table)."""
     pred_dir, labels_dir = Path(pred_dir), Path(labels_dir)
     preds = sorted(p for p in pred_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
     if not preds:
@@ -62,6 +71,8 @@ def evaluate(pred_dir: str | Path, labels_dir: str | Path, output: str | Path, n
     rows = []
     for name, pred, label, spacing in cases:
         dice, hd95 = score_case(pred, label, num_classes, [float(s) for s in spacing])
+        if on_case is not None:
+            on_case(name, pred, label, dice, hd95, names)
         row = {"case": name}
         row.update({f"dice/{n}": d for n, d in zip(names[1:], dice, strict=True)})
         row.update({f"hd95/{n}": h for n, h in zip(names[1:], hd95, strict=True)})
@@ -80,10 +91,13 @@ def evaluate(pred_dir: str | Path, labels_dir: str | Path, output: str | Path, n
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    summary = evaluate(cfg.pred, cfg.labels, cfg.output, cfg.label_names)
+    table = EvaluationTable(Path(cfg.labels).parent / "imagesTr") if cfg.wandb.mode else None
+    summary = evaluate(cfg.pred, cfg.labels, cfg.output, cfg.label_names, on_case=table)
     for key, value in summary.items():
         print(f"{key:30s} {value:.4f}" if not math.isnan(value) else f"{key:30s} nan")
     print(f"per-case table: {cfg.output}")
+    if table is not None:
+        print(f"W&B run: {table.log(summary, OmegaConf.to_container(cfg, resolve=True), **cfg.wandb)}")
 
 
 if __name__ == "__main__":

@@ -166,14 +166,17 @@ class SegmentationModule(pl.LightningModule):
             self.test_torch_dtype = inference_dtype(self.hparams.test_dtype, self.device)
             convert_net(self.net, self.test_torch_dtype, [*dict.fromkeys([*self.saved_fp32_modules, *running])])
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Returns this batch's one-hot prediction `pred` (B, C, X, Y, Z) and per-case `dice` and `hd95` (B, C-1),
+        float32, for callbacks (`medseg.tracking.case_table.CaseTableLogger`)."""
         pred, target = self._one_hot_pair(batch, self.hparams.test_mirror_axes, self.test_torch_dtype)
-        self.dice(pred, target)
+        dice = self.dice(pred, target)
         self.dice_lcc(torch.stack([self.keep_largest(p) for p in pred]), target)
         self.test_cases += pred.shape[0]
         # Validation volumes are at the target spacing, so this makes HD95 millimetres.
         spacing = (self.hparams.inference or {}).get("spacing")
-        self.hd95(pred, target, spacing=spacing)
+        hd95 = self.hd95(pred, target, spacing=spacing)
+        return {"pred": pred, "dice": dice, "hd95": hd95}
 
     def _log_per_class(self, stage: str, name: str, metric) -> torch.Tensor:
         values = metric.aggregate()

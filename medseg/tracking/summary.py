@@ -37,7 +37,7 @@ class WandbRunSummary(pl.Callback):
         media: dict[str, Any] = {}
         plugin = trainer.precision_plugin
         plan = plugin.plan if isinstance(plugin, MasterWeightPrecision) else None
-        if plan is not None and plan.fp32_modules:
+        if plan is not None:  # logged even when empty, so the dashboard's plan panel always has its table
             media["precision/plan"] = plan_table(plan)
         if isinstance(plugin, MasterWeightPrecision) and plugin.advisor is not None and plugin.advisor.lost_updates:
             rows = sorted(plugin.advisor.lost_updates.items(), key=lambda kv: -kv[1])
