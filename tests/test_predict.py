@@ -18,7 +18,7 @@ from medseg.inference import postprocess
 from medseg.inference.cases import save_mask
 from medseg.inference.precision import stitch_device
 from medseg.models.inference import mirror_flips, sliding_window_probs
-from medseg.precision.plugin import saved_state
+from medseg.precision.state import saved_state
 from medseg.predict import CasesFailed, Predictor, predict
 from medseg.reliability.atomic_io import write_atomic
 from medseg.train import build_model, train

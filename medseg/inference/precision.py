@@ -12,24 +12,24 @@ import torch
 from torch import nn
 
 from medseg.precision.convert import to_float32, to_low_precision
+from medseg.precision.dtypes import DTYPES, auto_low_dtype
 from medseg.precision.plan import PrecisionPlan, match_modules
-from medseg.precision.plugin import saved_state
+from medseg.precision.state import saved_state
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")  # the names of `dtype=` (medseg.precision.dtypes.DTYPES)
 # Share of free GPU memory the stitching buffers may take before they go to the CPU (see `stitch_device`).
 GPU_BUFFER_SHARE = 0.25
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`fp32`, `bf16`, `fp16`, or `auto`: fp16 on CUDA (tensor cores), bf16 elsewhere (FP16 convolutions on CPU
-    are 25-200x slower than FP32; BF16 is the CPU's fast low dtype)."""
+    """`fp32`, `bf16`, `fp16`, or `auto`: fp16 on CUDA, bf16 elsewhere (`medseg.precision.dtypes.auto_low_dtype`)."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        return auto_low_dtype(device.type)
     if name not in PRECISIONS:
         raise ValueError(f"dtype must be fp32, bf16, fp16 or auto, got {name!r}")
-    return PRECISIONS[name]
+    return DTYPES[name]
 
 
 def saved_fp32_modules(checkpoint: dict) -> list[str]:

@@ -15,7 +15,7 @@ from medseg.inference import postprocess
 from medseg.inference.precision import convert_net, inference_dtype, saved_fp32_modules
 from medseg.models.channels_last import to_channels_last
 from medseg.models.inference import mirror_flips, sliding_window_probs
-from medseg.precision.plugin import MasterWeightPrecision
+from medseg.precision.view import master_weights
 
 
 class SegmentationModule(pl.LightningModule):
@@ -161,8 +161,8 @@ class SegmentationModule(pl.LightningModule):
             # in place, after Lightning loaded the tested checkpoint's weights (a `mixed` run's are BF16/FP16 there:
             # test_dtype=fp32 does not bring back its FP32 masters; medseg.predict loads those). The modules kept in
             # FP32 by the tested checkpoint's plan, and by the running plugin's (test right after fit), stay FP32.
-            plugin = self.trainer.precision_plugin
-            running = plugin.plan.fp32_modules if isinstance(plugin, MasterWeightPrecision) else []
+            plugin = master_weights(self.trainer)
+            running = plugin.plan.fp32_modules if plugin is not None else []
             self.test_torch_dtype = inference_dtype(self.hparams.test_dtype, self.device)
             convert_net(self.net, self.test_torch_dtype, [*dict.fromkeys([*self.saved_fp32_modules, *running])])
 

@@ -19,6 +19,7 @@ from medseg.data.datamodule import num_validation
 from medseg.models.dynunet import kernels_and_strides
 from medseg.planning.fingerprint import Fingerprint
 from medseg.planning.memory import StepCost, step_cost
+from medseg.precision.dtypes import auto_low_dtype
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,9 @@ def low_dtype(precision: str, device: str) -> torch.dtype | None:
         raise ConfigError(f"plan: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return None
-    if precision in ("mixed_bf16", "bf16") or device != "cuda":
+    if precision in ("mixed_bf16", "bf16"):
         return torch.bfloat16
-    return torch.float16
+    return auto_low_dtype(device)
 
 
 def filters_for(num_levels: int, device: str) -> list[int]:
