@@ -29,9 +29,11 @@ from medseg.data.transforms import preprocess
 from medseg.inference import postprocess
 from medseg.inference.cases import Case, CaseDataset, case_loader, save_mask, save_probs
 from medseg.inference.ensemble import check_compatible, checkpoint_paths
-from medseg.inference.precision import convert_net, inference_dtype, saved_fp32_modules, stitch_device
+from medseg.inference.precision import stitch_device
 from medseg.models.inference import mirror_flips, probs_to_labels, sliding_window_probs
-from medseg.precision.plan import PlanError
+from medseg.precision.convert import convert_net
+from medseg.precision.dtypes import inference_dtype
+from medseg.precision.plan import PlanError, saved_fp32_modules
 from medseg.reliability.atomic_io import PARTIAL
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,11 @@ from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
 from medseg.inference import postprocess
-from medseg.inference.precision import convert_net, inference_dtype, saved_fp32_modules
 from medseg.models.channels_last import to_channels_last
 from medseg.models.inference import mirror_flips, sliding_window_probs
+from medseg.precision.convert import convert_net
+from medseg.precision.dtypes import inference_dtype
+from medseg.precision.plan import saved_fp32_modules
 from medseg.precision.view import master_weights
 
 

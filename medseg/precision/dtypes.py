@@ -33,6 +33,16 @@ def auto_low_dtype(device_type: str) -> torch.dtype:
     return torch.float16 if device_type == "cuda" else torch.bfloat16
 
 
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of `medseg.predict dtype=` and `model.test_dtype`: `fp32`, `bf16`, `fp16`, or `auto`
+    (`auto_low_dtype` of the device)."""
+    if name == "auto":
+        return auto_low_dtype(device.type)
+    if name not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"dtype must be fp32, bf16, fp16 or auto, got {name!r}")
+    return DTYPES[name]
+
+
 def lightning_low_dtype(precision: str) -> torch.dtype | None:
     """The low dtype of a Lightning precision string (``"16-mixed"``, ``"bf16-true"``...); None for FP32/64."""
     dtype = DTYPES.get(str(precision).split("-")[0])

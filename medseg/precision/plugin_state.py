@@ -17,7 +17,7 @@ from medseg.precision.plan import PrecisionPlan
 from medseg.precision.scaler import DynamicLossScaler
 from medseg.precision.state import move_legacy_state
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("medseg.precision.plugin")  # the plugin's messages, under the plugin's logger
 
 
 class CheckpointState:

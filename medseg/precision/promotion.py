@@ -25,7 +25,7 @@ from medseg.precision.masters import Masters, copy_to_model
 from medseg.precision.plan import PLAN_FILE, Decision, PlanError, PrecisionPlan, match_modules, save_plan
 from medseg.precision.scaler import DynamicLossScaler
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("medseg.precision.plugin")  # the plugin's messages, under the plugin's logger
 
 
 class Promotion:
