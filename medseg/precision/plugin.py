@@ -39,7 +39,6 @@ from medseg.precision.masters import (
 )
 from medseg.precision.plan import PrecisionPlan, load_plan
 from medseg.precision.plugin_state import CheckpointState
-from medseg.precision.promotion import Promotion
 from medseg.precision.scaler import DynamicLossScaler
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ def _lightning_module(model: nn.Module) -> "pl.LightningModule | None":
     return next((m for m in model.modules() if isinstance(m, pl.LightningModule)), None)
 
 
-class MasterWeightPrecision(CheckpointState, Promotion, Precision):
+class MasterWeightPrecision(CheckpointState, Precision):
     """FP16/BF16 model with FP32 master weights and loss scaling, for automatic optimization.
 
     Norm layers (BatchNorm, InstanceNorm, GroupNorm, LayerNorm) keep FP32 weights and running statistics.

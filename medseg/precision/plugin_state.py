@@ -1,35 +1,26 @@
 """The master-weight plugin's checkpoint state: what ``MasterWeightPrecision`` saves (FP32 masters, scaler, precision
 plan, advisor counts), how it is restored exactly on resume, and checkpoints written under the plugin's old name.
 
-A mixin of the plugin, as ``medseg.precision.promotion`` is; code that only reads a saved checkpoint uses the leaf
-``medseg.precision.state`` instead.
+A mixin of the plugin on top of ``medseg.precision.promotion`` (restoring a plan promotes its modules again); code
+that only reads a saved checkpoint uses the leaf ``medseg.precision.state`` instead.
 """
 
 import logging
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
-from medseg.precision.advisor import PrecisionAdvisor
-from medseg.precision.masters import Masters, copy_to_model
-from medseg.precision.plan import PrecisionPlan
-from medseg.precision.scaler import DynamicLossScaler
+from medseg.precision.masters import copy_to_model
+from medseg.precision.promotion import Promotion
 from medseg.precision.state import move_legacy_state
 
 log = logging.getLogger("medseg.precision.plugin")  # the plugin's messages, under the plugin's logger
 
 
-class CheckpointState:
+class CheckpointState(Promotion):
     """``state_dict``/``load_state_dict``/``on_load_checkpoint`` of ``MasterWeightPrecision`` (Lightning's
     ``Precision`` hooks of those names). Restoring the saved plan re-promotes modules: ``Promotion._resume_plan``."""
 
-    plan: PrecisionPlan
-    advisor: PrecisionAdvisor | None
-    scaler: DynamicLossScaler | None
-    dtype_name: str
-    _dtype: torch.dtype | None
-    _masters: list[tuple[Optimizer, Masters]]
     _pending_state: dict[str, Any] | None
 
     def state_dict(self) -> dict[str, Any]:
@@ -71,7 +62,7 @@ class CheckpointState:
         if len(state_dict["masters"]) != len(self._masters):
             n_saved, n_run = len(state_dict["masters"]), len(self._masters)
             raise ValueError(f"Checkpoint has masters for {n_saved} optimizers, the run has {n_run}")
-        self._resume_plan(state_dict)  # type: ignore[attr-defined]
+        self._resume_plan(state_dict)
         saved_names = state_dict.get("names", [None] * len(self._masters))
         for (_, entry), saved, names in zip(self._masters, state_dict["masters"], saved_names, strict=True):
             if names is not None and list(names) != entry.names:
