@@ -35,10 +35,14 @@ LAYERS: list[list[str]] = [
 ]
 LEAVES = LAYERS[0]
 ENTRY_POINTS = LAYERS[-1]
-# Modules that must not pull in Lightning's precision plugin module, directly or through anything they import:
-# checkpoint reading and prediction run without a trainer.
+# Modules (or packages) that must not pull in a heavy module, directly or through anything they import: checkpoint
+# reading and prediction run without a trainer; planning builds nets and losses, never a LightningModule.
 HEAVY = "medseg.precision.plugin"
-KEEP_LIGHT = ["medseg.checkpoint", "medseg.inference"]
+KEEP_OUT = [
+    ("medseg.checkpoint", HEAVY),
+    ("medseg.inference", HEAVY),
+    ("medseg.planning", "medseg.models.module"),
+]
 # Modules with no medseg imports at all, so that any module of their package may use them.
 SELF_CONTAINED = ["tracking.loggers", "tracking.offline", "tracking.tables", "tracking.display", "precision.scaler"]
 
@@ -133,11 +137,11 @@ def import_chain(graph: dict[str, set[str]], start: str, target: str) -> list[st
 
 
 def heavy_imports(graph: dict[str, set[str]]) -> list[str]:
-    """Chains by which a module of KEEP_LIGHT pulls in HEAVY, or an entry point another entry point."""
+    """Chains by which a module of KEEP_OUT pulls in its heavy module, or an entry point another entry point."""
     found = []
     for module in sorted(graph):
-        if any(module == m or module.startswith(m + ".") for m in KEEP_LIGHT):
-            if chain := import_chain(graph, module, HEAVY):
+        for light, heavy in KEEP_OUT:
+            if (module == light or module.startswith(light + ".")) and (chain := import_chain(graph, module, heavy)):
                 found.append(" -> ".join(chain))
         if module in ENTRY_POINTS:
             found += [" -> ".join(c) for e in ENTRY_POINTS if e != module and (c := import_chain(graph, module, e))]
@@ -191,7 +195,7 @@ def test_leaves_import_only_leaves():
     assert {m: graph[m] - set(LEAVES) for m in LEAVES if graph[m] - set(LEAVES)} == {}
 
 
-def test_light_modules_never_pull_in_the_plugin_and_entry_points_never_import_each_other():
+def test_light_modules_never_pull_in_heavy_ones_and_entry_points_never_import_each_other():
     assert heavy_imports(import_graph()) == []
 
 
@@ -261,15 +265,18 @@ def test_a_plugin_pulled_in_two_imports_away_is_named():
         "medseg.reliability.atomic_io": {"medseg.precision.view"},
         "medseg.precision.view": {HEAVY},
         HEAVY: set(),
+        "medseg.planning.memory": {"medseg.models.loss"},
+        "medseg.models.loss": {"medseg.models.module"},
         "medseg.train": {"medseg.tracking.sweep"},
         "medseg.tracking.sweep": {"medseg.evaluate"},
         "medseg.evaluate": set(),
     }
     assert heavy_imports(graph) == [
         "medseg.inference.cases -> medseg.reliability.atomic_io -> medseg.precision.view -> medseg.precision.plugin",
+        "medseg.planning.memory -> medseg.models.loss -> medseg.models.module",
         "medseg.train -> medseg.tracking.sweep -> medseg.evaluate",
     ]
-    del graph["medseg.precision.view"]
+    del graph["medseg.precision.view"], graph["medseg.models.loss"]
     graph["medseg.tracking.sweep"] = set()
     assert heavy_imports(graph) == []
 
