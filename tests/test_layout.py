@@ -148,6 +148,16 @@ def heavy_imports(graph: dict[str, set[str]]) -> list[str]:
     return found
 
 
+def command_line_modules(root: Path = PACKAGE) -> set[str]:
+    """Modules run with `python -m` (they have a `__main__` block): the entry points and a few package CLIs."""
+    return {module_name(p, root) for p in root.rglob("*.py") if 'if __name__ == "__main__":' in p.read_text()}
+
+
+def command_line_imports(graph: dict[str, set[str]], clis: set[str]) -> list[str]:
+    """Every import of a command-line module: shared code belongs in a package, not in another program."""
+    return [f"{m} -> {d}" for m, deps in sorted(graph.items()) for d in sorted(deps & clis)]
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import cycle as [a, b, ..., a], or None (depth-first search, three colours)."""
     state: dict[str, int] = {}  # 1 on the current path, 2 done
@@ -206,6 +216,12 @@ def test_checkpoint_and_inference_load_without_the_plugin_module():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_nothing_imports_a_command_line_module():
+    clis = command_line_modules()
+    assert {"medseg.train", "medseg.precision.export", "medseg.data.check"} <= clis
+    assert command_line_imports(import_graph(), clis) == []
 
 
 def test_no_import_cycle_in_medseg():
@@ -281,6 +297,12 @@ def test_a_plugin_pulled_in_two_imports_away_is_named():
     assert heavy_imports(graph) == []
 
 
+def test_an_import_of_a_command_line_module_is_named():
+    graph = {"medseg.checkpoint": {"medseg.precision.export"}, "medseg.precision.export": {"medseg.precision.state"}}
+    clis = {"medseg.precision.export", "medseg.train"}
+    assert command_line_imports(graph, clis) == ["medseg.checkpoint -> medseg.precision.export"]
+
+
 def test_planted_files_are_read_as_their_imports_and_lengths(tmp_path):
     """The parser on real files: a lazy import inside a function of a planted package counts, one for type hints
     only does not; a planted long file is named."""
@@ -290,6 +312,7 @@ def test_planted_files_are_read_as_their_imports_and_lengths(tmp_path):
     for init in (root / "__init__.py", root / "precision" / "__init__.py", root / "inference" / "__init__.py"):
         init.write_text("")
     (root / "precision" / "plugin.py").write_text("import torch\n")
+    (root / "precision" / "export.py").write_text('import torch\n\nif __name__ == "__main__":\n    pass\n')
     (root / "inference" / "cases.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import medseg.tracking.runs\n"
         "def read():\n    from medseg.precision.plugin import X\n"
@@ -302,4 +325,5 @@ def test_planted_files_are_read_as_their_imports_and_lengths(tmp_path):
     assert layer_violations(graph) == [
         "medseg.precision.monitor -> medseg.inference.cases (medseg.precision may not import medseg.inference)"
     ]
+    assert command_line_modules(root) == {"medseg.precision.export"}
     assert long_files(root) == [f"inference/long.py: {MAX_LINES + 1} lines; split it by concern"]
