@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
@@ -155,11 +157,12 @@ def _plain(value):
 
 
 def _as_composed(path):
-    """A config file as Hydra composes it, where it extends a base in its defaults list (the model files extend
-    conf/model_base/segmentation.yaml): the base, then the file's own keys over it."""
-    cfg = OmegaConf.load(path)
-    bases = [e.split("@")[0] for e in cfg.pop("defaults", []) if isinstance(e, str) and e.endswith("@_here_")]
-    return OmegaConf.merge(*[OmegaConf.load(CONF_DIR / f"{b.strip('/')}.yaml") for b in bases], cfg)
+    """A config file as Hydra composes it: a model file is its base (conf/model_base/) with the file's keys over it."""
+    if path.parent != CONF_DIR / "model":
+        return OmegaConf.load(path)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=f"model/{path.stem}").model
 
 
 def _restated_values():
