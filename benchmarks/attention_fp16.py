@@ -30,7 +30,7 @@ from torch import nn
 
 from medseg.checkpoint import CheckpointError, best_checkpoint, fp32_net_state, load_checkpoint
 from medseg.precision.attention import attention_in_fp32
-from medseg.precision.headroom import FP16_MAX
+from medseg.precision.dtypes import FP16_MAX
 from medseg.tracking.tables import markdown_table
 
 

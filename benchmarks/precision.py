@@ -254,10 +254,12 @@ def build_module(
     """medseg's SegmentationModule from `conf/model/<model>.yaml` (net, loss, optimizer, schedule as users get);
     `fused` sets the optimizer's `fused=True` (one kernel per step for all parameters); `channels_last` and
     `compile` are the module's own options (`model.channels_last`, `model.compile`)."""
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{model}.yaml")
+    # the model file as Hydra composes it: its base (conf/model_base/) with the file's own keys over it
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=f"model/{model}").model
     cfg.net.in_channels, cfg.net.out_channels = 1, len(LABEL_NAMES)
     if fused:
         cfg.optimizer.fused = True

@@ -92,9 +92,9 @@ def one_run(size: tuple[int, int, int], mode: str, roi: int, overlap: float, sw_
     """Worker: one timed prediction of a random volume; returns seconds and peak MiB above the start."""
     from monai.data import MetaTensor
 
-    from medseg.inference.precision import convert_net
+    from medseg.inference.predictor import net_input
     from medseg.models.inference import probs_to_labels, sliding_window_probs
-    from medseg.predict import net_input
+    from medseg.precision.convert import convert_net
 
     dev = torch.device(device)
     dtype = DTYPES[mode]

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from medseg.precision.state import fp32_state_dict
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read; the message names the file and why."""
@@ -50,8 +52,6 @@ def load_checkpoint(path: str | Path, allow_unsafe: bool = False) -> dict:
 def fp32_net_state(ckpt: dict) -> dict[str, torch.Tensor]:
     """The network's weights in FP32: the plugin's FP32 masters where the checkpoint has them (a `mixed` run
     saves FP16/BF16 weights in `state_dict`), else the saved weights cast to float32."""
-    from medseg.precision.export import fp32_state_dict
-
     state = fp32_state_dict(ckpt)
     return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from medseg.config_check import ConfigError
-from medseg.planning.auto import plan_dataset
+from medseg.planning.auto import TIME_BUDGET, plan_dataset
 from medseg.planning.plan_file import plan_yaml
 from medseg.planning.planner import PRECISIONS
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="an MSD-layout folder (dataset.json, imagesTr/, labelsTr/)")
     parser.add_argument("--precision", default="mixed", choices=PRECISIONS, help="the +precision= it will train with")
-    parser.add_argument("--time-budget", default="30m", help="wall clock for the whole run: 30m, 2h, 1h30m")
+    parser.add_argument("--time-budget", default=TIME_BUDGET, help="wall clock for the whole run: 30m, 2h, 1h30m")
     parser.add_argument(
         "--memory-budget", default=None, help="bytes a step may hold: 8G, 512M (default: the device's share)"
     )

@@ -10,28 +10,17 @@ and the command exits with status 1 listing them at the end.
 import logging
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 import nibabel as nib
-import numpy as np
-import torch
-from hydra.utils import instantiate
-from monai.data import MetaTensor
-from monai.transforms import Invertd
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medseg import CONF_DIR
-from medseg.checkpoint import CheckpointError, fp32_net_state, load_checkpoint
-from medseg.data.transforms import preprocess
-from medseg.inference import postprocess
+from medseg.checkpoint import CheckpointError
 from medseg.inference.cases import Case, CaseDataset, case_loader, save_mask, save_probs
-from medseg.inference.ensemble import check_compatible, checkpoint_paths
-from medseg.inference.precision import convert_net, inference_dtype, saved_fp32_modules, stitch_device
-from medseg.models.inference import mirror_flips, probs_to_labels, sliding_window_probs
-from medseg.precision.plan import PlanError
+from medseg.inference.predictor import Predictor
 from medseg.reliability.atomic_io import PARTIAL
 
 log = logging.getLogger(__name__)
@@ -72,147 +61,6 @@ def probs_name(mask_name: str) -> str:
     for suffix in NIFTI_SUFFIXES[::-1]:  # .nii.gz before .nii
         mask_name = mask_name.removesuffix(suffix)
     return mask_name + ".npz"
-
-
-class Predictor:
-    """Trained networks (one, or an ensemble averaging their softmax) plus the preprocessing they were trained
-    with, from medseg checkpoints.
-
-    Args:
-        ckpt_path: a checkpoint, a list of them, a run folder or a folder of fold runs
-            (`medseg.inference.ensemble.checkpoint_paths`).
-        device: `cpu`, `cuda[:N]` or `auto` (CUDA when available).
-        dtype: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the nets are converted as the
-            training plugin converts them, with the precision plan saved in each checkpoint (its FP32 modules stay
-            FP32); windows, stitching buffers and probabilities use that dtype.
-        mirror_axes: spatial axes whose flips are averaged; None: each model as it was tested after training.
-        postprocessing: `auto` (the decision stored beside the checkpoint(s), none if there is none), `none`,
-            or a decision file (`medseg.inference.postprocess`).
-    """
-
-    def __init__(
-        self,
-        ckpt_path: str | Sequence[str],
-        device: str = "auto",
-        sw_batch_size: int = 4,
-        overlap: float = 0.5,
-        allow_unsafe_checkpoint: bool = False,
-        mirror_axes: Sequence[int] | None = None,
-        dtype: str = "fp32",
-        postprocessing: str = "none",
-    ) -> None:
-        self.paths = checkpoint_paths(ckpt_path)
-        ckpts = [load_checkpoint(p, allow_unsafe=allow_unsafe_checkpoint) for p in self.paths]
-        infos = [c["hyper_parameters"]["inference"] for c in ckpts]
-        check_compatible(infos, self.paths)
-        info = infos[0]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.dtype = inference_dtype(dtype, self.device)
-        self.nets, self.mirror_axes = [], []
-        for path, ckpt, model_info in zip(self.paths, ckpts, infos, strict=True):
-            net = instantiate(model_info["net"])
-            net.load_state_dict(fp32_net_state(ckpt))  # the FP32 masters of a mixed run, then rounded once
-            try:  # the modules its run kept in FP32 (configured, or promoted by the advisor) stay FP32
-                self.nets.append(convert_net(net.to(self.device).eval(), self.dtype, saved_fp32_modules(ckpt)))
-            except PlanError as err:
-                raise CheckpointError(f"{path}: {err}") from None
-            # None: mirror as the model was tested after training
-            axes = ckpt["hyper_parameters"].get("test_mirror_axes", ()) if mirror_axes is None else mirror_axes
-            self.mirror_axes.append(list(axes))
-        try:
-            for axes in self.mirror_axes:
-                mirror_flips(axes)  # before any image is read
-        except ValueError as err:
-            raise ValueError(f"mirror_axes: {err}") from None
-        self.in_channels = int(info["net"]["in_channels"])
-        self.num_classes = len(info["label_names"])
-        self.rois = [i["patch_size"] for i in infos]
-        self.sw_batch_size, self.overlap = sw_batch_size, overlap
-        self.preprocess = preprocess(
-            info["spacing"], info["modality"], info["patch_size"], info["ct_window"], with_label=False
-        )
-        self.invert = Invertd("pred", transform=self.preprocess, orig_keys="image", nearest_interp=True)
-        self.invert_probs = Invertd("probs", transform=self.preprocess, orig_keys="image", nearest_interp=False)
-        self.keep_largest = self._postprocessing(postprocessing, ckpt_path, info["label_names"])
-
-    def _postprocessing(self, choice: str, ckpt_path, label_names: list[str]) -> list[int]:
-        if choice == "none":
-            return []
-        if choice == "auto":
-            folder = Path(ckpt_path) if isinstance(ckpt_path, str) and Path(ckpt_path).is_dir() else None
-            record = postprocess.for_checkpoints(self.paths, folder)
-        else:
-            record = postprocess.load(Path(choice))
-        if record is None:
-            return []
-        if record["label_names"] != list(label_names):
-            raise ValueError(f"postprocessing: decided for labels {record['label_names']}, the model has {label_names}")
-        names = [label_names[i] for i in record["keep_largest"]]
-        log.info("postprocessing: keep the largest component of %s", names or "no class")
-        return record["keep_largest"]
-
-    @torch.no_grad()
-    def probs(self, image: torch.Tensor) -> torch.Tensor:
-        """Ensemble-mean class probabilities (1, C, X, Y, Z) in `self.dtype` of a preprocessed image (1, C_in, ...),
-        on the stitching device (`medseg.inference.precision.stitch_device`)."""
-        image = image.to(self.device)
-        buffers = stitch_device(self.device, tuple(image.shape[2:]), self.num_classes, self.dtype)
-        total: torch.Tensor | None = None
-        for net, roi, axes in zip(self.nets, self.rois, self.mirror_axes, strict=True):
-            probs = sliding_window_probs(
-                net, image, roi, self.sw_batch_size, self.overlap, mirror_axes=axes, dtype=self.dtype, device=buffers
-            )
-            total = probs if total is None else total.add_(probs)
-        assert total is not None
-        return total.div_(len(self.nets)) if len(self.nets) > 1 else total
-
-    def __call__(self, image_path: Path) -> np.ndarray:
-        """uint8 mask (X, Y, Z) on the input file's own voxel grid, postprocessed."""
-        return self.predict_case(self.preprocess({"image": str(image_path)}))[0]
-
-    def predict_case(self, data: dict, with_probs: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
-        """uint8 mask (X, Y, Z) on the input file's own voxel grid for a preprocessed case, postprocessed; with
-        `with_probs` also its float16 probabilities (C, X, Y, Z) on that grid. `data["image"]` loses its voxels
-        (`net_input`)."""
-        x = net_input(data, self.dtype, self.device)
-        record = data["image"]
-        probs = self.probs(x)
-        del x
-        labels = probs_to_labels(probs)[0].cpu()
-        # float32 for Invertd's bilinear resampling; the low-dtype probabilities are not kept beside them
-        kept = probs[0].to("cpu", torch.float32) if with_probs else None
-        del probs
-        # The outputs carry the image's record of applied transforms, which Invertd undoes in reverse (it reads
-        # only that record and the meta of "image"); a fresh dict keeps them out of the caller's.
-        pred = self.invert({"image": record, "pred": self._with_record(labels.float(), record)})["pred"]
-        del labels
-        mask = np.asarray(postprocess.keep_largest(pred, self.keep_largest)[0]).round().astype(np.uint8)
-        if kept is None:
-            return mask, None
-        del pred
-        inverted = self.invert_probs({"image": record, "probs": self._with_record(kept, record)})["probs"]
-        return mask, inverted.as_tensor().to(torch.float16)
-
-    @staticmethod
-    def _with_record(tensor: torch.Tensor, record: MetaTensor) -> MetaTensor:
-        return MetaTensor(tensor, meta=record.meta, applied_operations=record.applied_operations)
-
-
-def net_input(data: dict, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The net's input (1, C_in, X, Y, Z) in `dtype` on `device` from a preprocessed `data["image"]` (C_in, X, Y, Z)
-    float32 MetaTensor, which is replaced by a voxel-less MetaTensor with the same meta and applied_operations
-    (all that Invertd reads of it).
-
-    So a low-dtype prediction does not hold the FP32 image beside its copy while it stitches (at 512x512x256,
-    256 MiB beside 128 MiB of BF16; benchmarks/RESULTS.md). The caller must hold no other reference to the image.
-    """
-    image = data.pop("image")
-    # dtype first, then device: only the low-dtype copy goes to (and stays on) a GPU; no copy for fp32 on the CPU
-    x = image.as_tensor().unsqueeze(0).to(dtype).to(device)
-    data["image"] = MetaTensor(torch.empty(0), meta=image.meta, applied_operations=image.applied_operations)
-    return x
 
 
 def pending(inputs: list[Path], output: Path, overwrite: bool, with_probs: bool) -> tuple[list[Path], int]:

@@ -30,7 +30,7 @@ def predict_val_case(run: RunLog, index: int = 0, device: str = "cpu") -> dict[s
     import nibabel as nib
     from hydra.utils import instantiate
 
-    from medseg.predict import Predictor
+    from medseg.inference.predictor import Predictor
 
     ckpt = best_checkpoint(run.path)
     data_cfg = {**run.config["data"], "validate": False, "synthesize": None}

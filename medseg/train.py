@@ -24,7 +24,7 @@ from medseg.checkpoint import CheckpointError, load_checkpoint
 from medseg.config_check import ConfigError, check_config, check_output_dir
 from medseg.data.checks import DatasetError
 from medseg.planning.apply import planned_config
-from medseg.precision.plugin import MasterWeightPrecision
+from medseg.precision.view import master_weights
 from medseg.reliability.resume import newest_loadable
 from medseg.tracking.loggers import make_loggers, redact
 from medseg.tracking.summary import best_score
@@ -138,8 +138,8 @@ def train(cfg: DictConfig) -> float | None:
     kwargs = precision_kwargs(cfg.get("precision"))
     kwargs["plugins"] = [*kwargs.get("plugins", []), instantiate(cfg.checkpoint_io)]  # beside a precision plugin
     trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
-    if isinstance(trainer.precision_plugin, MasterWeightPrecision):
-        trainer.precision_plugin.check_plan(model)  # a plan naming modules the net lacks fails before any work
+    if (plugin := master_weights(trainer)) is not None:
+        plugin.check_plan(model)  # a plan naming modules the net lacks fails before any work
     for logger in trainer.loggers:
         logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
 

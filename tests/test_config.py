@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
@@ -135,6 +137,7 @@ DELIBERATE = {
     "model/swinunetr.yaml:scheduler.warmup_steps": "a short warm-up for AdamW",
     "model/dynunet.yaml:scheduler.warmup_steps": "nnU-Net-style SGD: a longer warm-up",
     "model/dynunet.yaml:scheduler.kind": "nnU-Net's poly schedule",
+    "model_base/segmentation.yaml:scheduler.warmup_steps": "a short warm-up for AdamW",
     "logger/wandb.yaml:wandb.project": "every run lands in the 'medseg' W&B project",
     "logger/wandb.yaml:wandb.offline": "offline by default: no account, no network",
 }
@@ -153,13 +156,22 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def _as_composed(path):
+    """A config file as Hydra composes it: a model file is its base (conf/model_base/) with the file's keys over it."""
+    if path.parent != CONF_DIR / "model":
+        return OmegaConf.load(path)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=f"model/{path.stem}").model
+
+
 def _restated_values():
     import inspect
 
     from hydra.utils import get_method
 
     for path in sorted(CONF_DIR.rglob("*.yaml")):
-        for key, node in _medseg_targets(OmegaConf.to_container(OmegaConf.load(path))):
+        for key, node in _medseg_targets(OmegaConf.to_container(_as_composed(path))):
             params = inspect.signature(get_method(node["_target_"])).parameters
             for name, value in node.items():
                 param = params.get(name)
@@ -180,3 +192,9 @@ def test_conf_restates_medseg_defaults_exactly():
     )
     stale = set(DELIBERATE) - {w for w, v, d in values if v != d}
     assert not stale, f"DELIBERATE lists keys that now equal the code's default or are gone: {stale}"
+
+
+def test_conf_restates_the_default_time_budget(tiny_cfg):
+    from medseg.planning.auto import TIME_BUDGET
+
+    assert tiny_cfg().planner.time == TIME_BUDGET == OmegaConf.load(CONF_DIR / "train.yaml").planner.time

@@ -494,3 +494,20 @@ def test_fit_then_test_from_checkpoint(tmp_path: Any) -> None:
     [result] = trainer.test(model, DataLoader(DATA, batch_size=2), ckpt_path=best, verbose=False)
     assert result["test/loss"] > 0
     assert all(torch.equal(a, b) for a, b in zip(masters, plugin.master_params, strict=True))
+
+
+def test_master_weights_finds_the_plugin_and_nothing_else():
+    """`medseg.precision.view.master_weights`, what callbacks and the module ask instead of `isinstance`."""
+    from medseg.precision.view import master_weights
+
+    plugin = MasterWeightPrecision()
+    assert master_weights(Trainer(plugins=[plugin], accelerator="cpu", logger=False)) is plugin
+    for precision in ("32-true", "bf16-mixed", "bf16-true"):
+        assert master_weights(Trainer(precision=precision, accelerator="cpu", logger=False)) is None
+
+
+def test_checkpoint_key_is_the_plugin_class_name():
+    """Lightning saves the plugin's state under its class name; `medseg.precision.state` reads it by that name."""
+    from medseg.precision.state import STATE_KEY
+
+    assert MasterWeightPrecision.__qualname__ == STATE_KEY

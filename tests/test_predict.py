@@ -18,7 +18,7 @@ from medseg.inference import postprocess
 from medseg.inference.cases import save_mask
 from medseg.inference.precision import stitch_device
 from medseg.models.inference import mirror_flips, sliding_window_probs
-from medseg.precision.plugin import saved_state
+from medseg.precision.state import saved_state
 from medseg.predict import CasesFailed, Predictor, predict
 from medseg.reliability.atomic_io import write_atomic
 from medseg.train import build_model, train
@@ -395,7 +395,7 @@ def _dtypes(net: torch.nn.Module, kept: str) -> tuple[set, set]:
 
 
 def test_low_precision_prediction_keeps_the_checkpoint_plans_fp32_modules(planned_checkpoint, tmp_path):
-    from medseg.inference.precision import saved_fp32_modules
+    from medseg.precision.plan import saved_fp32_modules
 
     ckpt = torch.load(planned_checkpoint, map_location="cpu", weights_only=True)
     assert saved_fp32_modules(ckpt) == ["net.model.0"]
@@ -421,8 +421,7 @@ def test_test_pass_keeps_the_checkpoint_plans_fp32_modules(planned_checkpoint, t
 def test_fp32_after_low_precision_hands_fp32_on():
     """`model.test_dtype=fp32` after a mixed fit: the casting hooks the plugin left on a module kept in FP32 and on a
     GroupNorm must hand FP32 on, not the low dtype the net had."""
-    from medseg.inference.precision import convert_net
-    from medseg.precision.convert import to_low_precision
+    from medseg.precision.convert import convert_net, to_low_precision
 
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Conv3d(4, 2, 3))
     to_low_precision(net, torch.bfloat16, fp32_modules=["0"])

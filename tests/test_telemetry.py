@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 
 from medseg import REPO_ROOT
 from medseg.data.synthetic import write_synthetic_dataset
+from medseg.precision.advisor import PrecisionAdvisor
+from medseg.precision.masters import Masters
 from medseg.precision.monitor import PrecisionMonitor
 from medseg.precision.plugin import MasterWeightPrecision
 from medseg.precision.scaler import DynamicLossScaler
@@ -166,6 +168,41 @@ def test_monitor_mixed_fp16_plugin(tmp_path):
     assert ((0 <= run.get("precision/update_lost_frac")[1]) & (run.get("precision/update_lost_frac")[1] < 1)).all()
     headroom = run.get("precision/fp16_headroom_bits")[1]
     assert (headroom > 0).all() and (headroom < 17 + 16).all()
+
+
+@pytest.mark.parametrize("advisor_every, copied_steps, shared_steps", [(2, [1, 3, 5], 3), (3, [1, 2, 3, 5], 1)])
+def test_monitor_and_advisor_copy_the_masters_once_a_step(
+    tmp_path, monkeypatch, advisor_every, copied_steps, shared_steps
+):
+    """The monitor (every 2nd step: 1, 3, 5) and the advisor's lost-update sampling (every `advisor_every`-th)
+    read one copy of the masters per step: on a step where both sample, the same tensor, not two copies."""
+    copies: list[int] = []
+    monitor_copies: list[int] = []  # storage of the copy the monitor compared against, per sampled step
+    advisor_copies: list[set[int]] = []
+    snapshot, frac, record = Masters.snapshot, PrecisionMonitor._update_lost_frac, PrecisionAdvisor.record_lost_updates
+
+    def counted(self: Masters):
+        copies.append(self.before_step is None)
+        return snapshot(self)
+
+    def monitor_frac(self, pairs):
+        monitor_copies.extend(before.untyped_storage().data_ptr() for _, before in pairs)
+        return frac(self, pairs)
+
+    def advisor_record(self, names, before, after, dtype):
+        advisor_copies.append({b.untyped_storage().data_ptr() for b in before})
+        return record(self, names, before, after, dtype)
+
+    monkeypatch.setattr(Masters, "snapshot", counted)
+    monkeypatch.setattr(PrecisionMonitor, "_update_lost_frac", monitor_frac)
+    monkeypatch.setattr(PrecisionAdvisor, "record_lost_updates", advisor_record)
+    advisor = PrecisionAdvisor(lost_update_every=advisor_every)
+    _, run = fit_tiny(tmp_path, plugins=[MasterWeightPrecision("bfloat16", advisor=advisor)], max_steps=6)
+    assert sum(copies) == len(copied_steps)  # a copy on each step someone samples, one only
+    # both alive during the step, so one storage means one copy
+    assert sum(len(a) == 1 and a <= set(monitor_copies) for a in advisor_copies) == shared_steps
+    assert list(run.get("precision/update_lost_frac")[0]) == [1, 3, 5]
+    assert advisor.lost_updates and all(0 <= share <= 1 for share in advisor.lost_updates.values())
 
 
 # ---------------------------------------------------------------------------------------- a real CLI run

@@ -1,1 +1,2 @@
-"""Prediction outside training: inference precision, fold ensembles, postprocessing, reading and writing cases."""
+"""Prediction outside training: the predictor, where stitching buffers live, fold ensembles, postprocessing,
+reading and writing cases."""

@@ -1,62 +1,14 @@
-"""Inference precision: which dtype a net runs and stitches in, and where the stitching buffers live.
-
-The net is converted with the training plugin's own layer casting (`medseg.precision.convert`) and the run's
-precision plan, so inference runs exactly the layers the plugin ran in the low dtype (norm layers keep FP32 weights
-and statistics; modules the plan keeps in FP32, configured or promoted by the advisor, stay FP32).
-"""
+"""Where MONAI's stitching buffers live during prediction. (Which dtype a net predicts in, and how it is converted:
+`medseg.precision.dtypes.inference_dtype`, `medseg.precision.convert.convert_net`.)"""
 
 import logging
-from collections.abc import Sequence
 
 import torch
-from torch import nn
-
-from medseg.precision.convert import to_float32, to_low_precision
-from medseg.precision.plan import PrecisionPlan, match_modules
-from medseg.precision.plugin import saved_state
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Share of free GPU memory the stitching buffers may take before they go to the CPU (see `stitch_device`).
 GPU_BUFFER_SHARE = 0.25
-
-
-def inference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`fp32`, `bf16`, `fp16`, or `auto`: fp16 on CUDA (tensor cores), bf16 elsewhere (FP16 convolutions on CPU
-    are 25-200x slower than FP32; BF16 is the CPU's fast low dtype)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    if name not in PRECISIONS:
-        raise ValueError(f"dtype must be fp32, bf16, fp16 or auto, got {name!r}")
-    return PRECISIONS[name]
-
-
-def saved_fp32_modules(checkpoint: dict) -> list[str]:
-    """The `fp32_modules` of the precision plan a `+precision=mixed` run saved in `checkpoint` (its configured
-    modules and the advisor's promotions: globs or class names, names as in the LightningModule); [] without one."""
-    state = saved_state(checkpoint) or {}
-    return PrecisionPlan.from_dict(state.get("plan") or {}, source="checkpoint precision plan").fp32_modules
-
-
-def net_fp32_modules(net: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Names in `net` of the modules a plan's `patterns` name in the LightningModule, where the net is `net`
-    (`SegmentationModule.net`); a `PlanError` naming the patterns that match none of them."""
-    if not patterns:
-        return []
-    holder = nn.Module()
-    holder.net = net  # the LightningModule's names, `net.` + the net's own
-    names = match_modules(holder, patterns, "precision plan fp32_modules")
-    return [n.removeprefix("net").removeprefix(".") for n in names]  # "net" itself: "" (the whole net)
-
-
-def convert_net(net: nn.Module, dtype: torch.dtype, fp32_modules: Sequence[str] = ()) -> nn.Module:
-    """`net` in `dtype`, in place: FP32 as a whole; BF16/FP16 as the training plugin converts it
-    (`to_low_precision`), the modules named by `fp32_modules` (a precision plan's patterns, names as in the
-    LightningModule: `saved_fp32_modules`) kept in FP32."""
-    if dtype == torch.float32:
-        return to_float32(net)
-    return to_low_precision(net, dtype, fp32_modules=net_fp32_modules(net, fp32_modules))
 
 
 def stitch_device(

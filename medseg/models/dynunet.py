@@ -5,6 +5,11 @@ from collections.abc import Sequence
 from monai.networks.nets import DynUNet
 
 
+def nnunet_filters(num_levels: int, base: int = 32) -> list[int]:
+    """nnU-Net's widths per level: ``base``, 2x, 4x, ... capped at 320."""
+    return [min(base * 2**i, 320) for i in range(num_levels)]
+
+
 def kernels_and_strides(
     patch_size: Sequence[int], spacing: Sequence[float], min_size: int = 4
 ) -> tuple[list[list[int]], list[list[int]]]:
@@ -41,7 +46,7 @@ def build_dynunet(
     in eval mode (B, C, *patch).
     """
     kernels, strides = kernels_and_strides(patch_size, spacing)
-    filters = list(filters) if filters else [min(32 * 2**i, 320) for i in range(len(strides))]
+    filters = list(filters) if filters else nnunet_filters(len(strides))
     deep_supr_num = min(deep_supr_num, len(strides) - 2)
     return DynUNet(
         spatial_dims=3,

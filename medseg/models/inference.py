@@ -56,7 +56,7 @@ def sliding_window_probs(
 
     Args:
         dtype: the windows fed to `net` (which must hold that dtype, e.g. converted by
-            `medseg.inference.precision.convert_net`), MONAI's stitching buffers (they take the dtype of the
+            `medseg.precision.convert.convert_net`), MONAI's stitching buffers (they take the dtype of the
             image passed to it) and the returned probabilities. None: windows and buffers in the image's dtype,
             probabilities float32 (how validation runs under the training precision plugin).
         sw_device: where the windows go through `net` (None: the image's device).

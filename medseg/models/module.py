@@ -12,10 +12,13 @@ from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
 from medseg.inference import postprocess
-from medseg.inference.precision import convert_net, inference_dtype, saved_fp32_modules
 from medseg.models.channels_last import to_channels_last
 from medseg.models.inference import mirror_flips, sliding_window_probs
-from medseg.precision.plugin import MasterWeightPrecision
+from medseg.models.loss import deep_supervision_loss
+from medseg.precision.convert import convert_net
+from medseg.precision.dtypes import inference_dtype
+from medseg.precision.plan import saved_fp32_modules
+from medseg.precision.view import master_weights
 
 
 class SegmentationModule(pl.LightningModule):
@@ -114,12 +117,8 @@ class SegmentationModule(pl.LightningModule):
         return (self.net if self._compiled_net is None else self._compiled_net)(x)
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # Loss reductions in FP32 whatever the weights are: a Dice sum over a 3D patch overflows FP16.
-        if logits.ndim == labels.ndim + 1:  # deep supervision heads, weighted 1, 1/2, 1/4... as in nnU-Net
-            weights = [0.5**i for i in range(logits.shape[1])]
-            total = sum(w * self.loss_fn(logits[:, i].float(), labels) for i, w in enumerate(weights))
-            return total / sum(weights)
-        return self.loss_fn(logits.float(), labels)
+        """The loss in FP32, deep supervision heads weighted (`medseg.models.loss.deep_supervision_loss`)."""
+        return deep_supervision_loss(self.loss_fn, logits, labels)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(self(batch["image"]), batch["label"])
@@ -161,8 +160,8 @@ class SegmentationModule(pl.LightningModule):
             # in place, after Lightning loaded the tested checkpoint's weights (a `mixed` run's are BF16/FP16 there:
             # test_dtype=fp32 does not bring back its FP32 masters; medseg.predict loads those). The modules kept in
             # FP32 by the tested checkpoint's plan, and by the running plugin's (test right after fit), stay FP32.
-            plugin = self.trainer.precision_plugin
-            running = plugin.plan.fp32_modules if isinstance(plugin, MasterWeightPrecision) else []
+            plugin = master_weights(self.trainer)
+            running = plugin.plan.fp32_modules if plugin is not None else []
             self.test_torch_dtype = inference_dtype(self.hparams.test_dtype, self.device)
             convert_net(self.net, self.test_torch_dtype, [*dict.fromkeys([*self.saved_fp32_modules, *running])])
 

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.config_check import ConfigError
-from medseg.planning.auto import plan_dataset
+from medseg.planning.auto import TIME_BUDGET, plan_dataset
 from medseg.planning.plan_file import plan_overrides, plan_yaml, read_plan
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def planned_config(cfg: DictConfig) -> DictConfig:
         plan = plan_dataset(
             cfg.data.root,
             cfg.precision.name if cfg.get("precision") else "fp32",
-            time=budget.get("time", "30m"),
+            time=budget.get("time", TIME_BUDGET),
             memory=budget.get("memory"),
             patch_seconds=budget.get("patch_seconds"),
             device=device,

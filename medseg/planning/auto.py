@@ -33,6 +33,9 @@ MAX_CORRECTIONS = 3
 PROBE_VOXELS = 96**3  # calibration patch size (at most): a few seconds a step on a CPU
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
+# The default wall clock of a planned run (`planner.time`, `medseg.plan --time-budget`); conf/train.yaml restates it.
+TIME_BUDGET = "30m"
+
 
 def parse_duration(text: str | float) -> float:
     """'30m', '1h30m', '90s', '2h' or a number of seconds -> seconds."""
@@ -87,7 +90,7 @@ def _measure(plan: Plan, fp, dtype) -> tuple[float, int | None]:
 def plan_dataset(
     root: str | Path,
     precision: str = "mixed",
-    time: str | float = "30m",
+    time: str | float = TIME_BUDGET,
     memory: str | int | None = None,
     patch_seconds: float | None = None,
     device: str | None = None,

@@ -10,11 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from monai.losses import DiceCELoss
 from torch.utils.flop_counter import FlopCounterMode
 
 from medseg.models.dynunet import build_dynunet
-from medseg.models.module import SegmentationModule
+from medseg.models.loss import deep_supervision_loss, planned_loss
 from medseg.precision.convert import to_low_precision
 
 # Bytes per parameter outside the activations: FP32 weights, gradients and AdamW's two moments (16); the low
@@ -64,18 +63,18 @@ def step_cost(
     low_dtype: torch.dtype | None,
 ) -> StepCost:
     """Counts one batch-1 training step of the planned DynUNet (deep supervision, batch Dice + CE loss in
-    FP32 as `SegmentationModule.compute_loss` runs it); `low_dtype` None for FP32, else the plugin's dtype."""
+    FP32 as training runs it: `medseg.models.loss`); `low_dtype` None for FP32, else the plugin's dtype."""
     with torch.device("meta"):
         net = build_dynunet(in_channels, num_classes, patch, spacing, filters=filters).train()
         if low_dtype is not None:
             to_low_precision(net, low_dtype)
-        module = SegmentationModule(net, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), torch.optim.AdamW)
         image = torch.empty(1, in_channels, *patch, dtype=low_dtype or torch.float32)
         label = torch.empty(1, 1, *patch)
         with FlopCounterMode(display=False) as counter:
             logits, net_bytes = _saved_bytes(lambda: net(image))
     # outside the meta device context: MONAI's Dice makes a CPU index tensor (arange(...).tolist())
-    _, loss_bytes = _saved_bytes(lambda: module.compute_loss(logits, label))
+    loss = planned_loss()
+    _, loss_bytes = _saved_bytes(lambda: deep_supervision_loss(loss, logits, label))
     inputs = image.nbytes + label.nbytes
     params = sum(p.numel() for p in net.parameters())
     # backward costs about twice the forward (gradients of inputs and of weights)

@@ -16,9 +16,10 @@ import torch
 
 from medseg.config_check import ConfigError
 from medseg.data.datamodule import num_validation
-from medseg.models.dynunet import kernels_and_strides
+from medseg.models.dynunet import kernels_and_strides, nnunet_filters
 from medseg.planning.fingerprint import Fingerprint
 from medseg.planning.memory import StepCost, step_cost
+from medseg.precision.dtypes import auto_low_dtype
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,14 @@ def low_dtype(precision: str, device: str) -> torch.dtype | None:
         raise ConfigError(f"plan: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return None
-    if precision in ("mixed_bf16", "bf16") or device != "cuda":
+    if precision in ("mixed_bf16", "bf16"):
         return torch.bfloat16
-    return torch.float16
+    return auto_low_dtype(device)
 
 
 def filters_for(num_levels: int, device: str) -> list[int]:
     """nnU-Net's 32, 64, ... capped at 320 on a GPU; half as wide on a CPU, as both hand-tuned CPU presets are."""
-    base = 32 if device == "cuda" else 16
-    return [min(base * 2**i, 320) for i in range(num_levels)]
+    return nnunet_filters(num_levels, base=32 if device == "cuda" else 16)
 
 
 def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:

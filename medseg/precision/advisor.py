@@ -20,6 +20,7 @@ import torch.distributed as dist
 from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 
+from medseg.precision.dtypes import lost_update_counts
 from medseg.precision.headroom import HeadroomRule
 from medseg.precision.plan import Decision
 
@@ -160,7 +161,8 @@ class PrecisionAdvisor:
         window: W, the steps over which they are counted.
         backward_max_scale: the largest loss scale at which backward overflows count.
         lost_update_every: sample the per-module lost-update share every n optimizer steps (0: never). It
-            copies the low-precision modules' masters once on those steps.
+            copies the low-precision modules' masters once on those steps (the copy ``PrecisionMonitor`` takes
+            on its sampled steps, where both sample).
         headroom: the second promotion rule, FP16 only: a layer whose FP16 headroom stays below M bits on W
             sampled steps in a row (``medseg.precision.headroom``); None: overflows only.
     """
@@ -199,11 +201,9 @@ class PrecisionAdvisor:
         lost: dict[str, Tensor] = {}
         for name, b, a in zip(names, before, after, strict=True):
             module = name.rsplit(".", 1)[0]
-            start = b.to(dtype)
-            moved = a != b
-            kept = (start.float() + (a - b)).to(dtype) == start
-            changed[module] = changed.get(module, 0) + moved.sum()
-            lost[module] = lost.get(module, 0) + (moved & kept).sum()
+            n_moved, n_lost = lost_update_counts(b, a, dtype)
+            changed[module] = changed.get(module, 0) + n_moved
+            lost[module] = lost.get(module, 0) + n_lost
         counts = torch.stack([torch.stack([changed[m], lost[m]]) for m in changed]).tolist()
         # modules the step did not move (no gradient) have nothing to lose and are left out
         self.lost_updates = {m: n_lost / n for m, (n, n_lost) in zip(changed, counts, strict=True) if n}

@@ -8,21 +8,7 @@ from pathlib import Path
 
 import torch
 
-from medseg.precision.plugin import saved_state
-
-
-def fp32_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
-    """The checkpoint's ``state_dict`` in FP32: parameters take their FP32 master from the plugin state
-    (``MasterWeightPrecision``'s entry, matched by name) where there is one; every other floating entry (e.g.
-    BatchNorm running statistics, or weights of a run without the plugin) is cast to float32."""
-    plugin_state = saved_state(ckpt) or {}
-    state_dict = dict(ckpt["state_dict"])
-    for names, masters in zip(plugin_state.get("names", []), plugin_state.get("masters", []), strict=True):
-        for name, master in zip(names, masters, strict=True):
-            if name not in state_dict:
-                raise KeyError(f"master for parameter {name!r} has no entry in the checkpoint's state_dict")
-            state_dict[name] = master
-    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+from medseg.precision.state import fp32_state_dict, saved_state
 
 
 def export_fp32(ckpt_path: str | Path, out_path: str | Path) -> Path:

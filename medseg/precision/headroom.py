@@ -18,16 +18,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from medseg.precision.dtypes import headroom_bits
 from medseg.precision.plan import Decision
-
-FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
-
-
-def headroom_bits(absmax: float) -> float:
-    """``log2(65504 / absmax)``: how many doublings are left before FP16 overflows (inf past the limit: -inf)."""
-    if not math.isfinite(absmax):
-        return -math.inf
-    return math.log2(FP16_MAX / absmax) if absmax > 0 else math.inf
 
 
 def reduce_max(values: list[float]) -> list[float]:

@@ -22,8 +22,9 @@ act_grad_absmax    largest abs-max of a layer's output gradient (scaled)   all
 ================== ======================================================= ========================================
 
 Cheap metrics are kept on the device every step and written, with one host sync, on every ``every_n_steps``-th
-step; the costly ones are computed on those steps only. Per-layer abs-maxes also go to W&B as histograms, and a
-warning names the layers whose activations come closest to the FP16 maximum. At the default settings the
+step; the costly ones are computed on those steps only (the write-out: ``medseg.precision.monitor_writeout``).
+Per-layer abs-maxes go to listeners (W&B histograms: ``medseg.tracking.layer_histograms``), and a warning names
+the layers whose activations come closest to the FP16 maximum. At the default settings the
 callback took 1.6-2.2% of the step time of a tiny 3D U-Net (35k parameters, 2x32^3 batch) on one CPU thread,
 measured as the time spent inside its hooks; larger models pay relatively less (its cost is per tensor and layer,
 not per voxel, except for the sampled steps' abs-maxes).
@@ -36,24 +37,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from medseg.precision.dtypes import lightning_low_dtype, lost_update_counts
 from medseg.precision.layer_ranges import LayerRanges, first_tensor
-from medseg.precision.plugin import MasterWeightPrecision
-from medseg.tracking.loggers import log_to_wandb, wandb_loggers
-
-FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
-LOW_DTYPE_OF = {
-    "16-mixed": torch.float16,
-    "bf16-mixed": torch.bfloat16,
-    "16-true": torch.float16,
-    "bf16-true": torch.bfloat16,
-}
+from medseg.precision.monitor_writeout import LayerListener, WriteOut, _Row
+from medseg.precision.view import MasterWeightView, master_weights
 
 
 @dataclass
@@ -71,22 +64,6 @@ class _Step:
     masters: list[tuple[list[Tensor], Tensor]] = field(default_factory=list)
 
 
-@dataclass
-class _Row:
-    """A finished step waiting for the next write-out: metric values (host numbers or device tensors) and the
-    device-side inputs of the fields worked out on the host."""
-
-    step: int
-    voxels: int
-    metrics: dict[str, Any] = field(default_factory=dict)
-    loss: Tensor | None = None
-    scale_used: Tensor | None = None  # GradScaler's scale during this step (AMP), to detect its overflow
-    amax: Tensor | None = None  # largest unscaled FP32 gradient element, and the scale to apply to it
-    amax_scale: float | Tensor = 1.0
-    layers: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
-    events: tuple[Any, Any] | None = None  # CUDA start/end events
-
-
 def _voxels(batch: Any) -> int:
     """Voxels in the batch's image: batch x spatial size, channels not counted."""
     image = batch.get("image") if isinstance(batch, dict) else first_tensor(batch)
@@ -95,12 +72,12 @@ def _voxels(batch: Any) -> int:
     return image.numel() // image.shape[1]
 
 
-class PrecisionMonitor(pl.Callback):
+class PrecisionMonitor(WriteOut, pl.Callback):
     """Logs loss scaling, gradient health, lost updates, per-layer ranges and speed under ``precision/``.
 
-    Works for medseg's ``MasterWeightPrecision`` plugin (told apart with ``isinstance``), Lightning's AMP
-    (``16-mixed``, ``bf16-mixed``), ``16-true``/``bf16-true`` and FP32; a metric that does not apply to the
-    precision is not logged at all. See the module docstring for the keys.
+    Works for medseg's ``MasterWeightPrecision`` plugin (found by ``medseg.precision.view.master_weights``),
+    Lightning's AMP (``16-mixed``, ``bf16-mixed``), ``16-true``/``bf16-true`` and FP32; a metric that does not
+    apply to the precision is not logged at all. See the module docstring for the keys.
 
     How the costly metrics are obtained:
 
@@ -144,9 +121,12 @@ class PrecisionMonitor(pl.Callback):
         self.skipped_steps = 0
         self.nan_steps = 0
         self.layer_absmax: dict[str, tuple[float, float]] = {}  # name -> (activation, output gradient)
+        self.layer_step: int | None = None  # the sampled step layer_absmax is from
+        # called after each sampled step with its layer_absmax (medseg.tracking.layer_histograms registers one)
+        self.layer_listeners: list[LayerListener] = []
         # what the trainer runs with, set in `setup`
         self._n = 1
-        self._plugin: MasterWeightPrecision | None = None
+        self._plugin: MasterWeightView | None = None
         self._amp = False
         self._scaler: Any = None  # torch's GradScaler under Lightning's 16-mixed; None for bf16-mixed
         self._low: torch.dtype | None = None
@@ -168,7 +148,7 @@ class PrecisionMonitor(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._n = self.every_n_steps or max(trainer.log_every_n_steps, 1)
         plugin = trainer.precision_plugin
-        self._plugin = plugin if isinstance(plugin, MasterWeightPrecision) else None
+        self._plugin = master_weights(trainer)
         self._amp = isinstance(plugin, MixedPrecision)  # Lightning's AMP: 16-mixed / bf16-mixed
         self._scaler = plugin.scaler if self._amp else None
         self._device = trainer.strategy.root_device
@@ -183,7 +163,7 @@ class PrecisionMonitor(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the plugin resolves dtype="auto" when it converts the module, after the callbacks' setup
-        self._low = self._plugin.dtype if self._plugin is not None else LOW_DTYPE_OF.get(str(trainer.precision))
+        self._low = self._plugin.dtype if self._plugin is not None else lightning_low_dtype(str(trainer.precision))
 
     # ------------------------------------------------------------------ per step
     # A cheap step launches a handful of tiny device ops (two multi-tensor norms and their reductions) and keeps
@@ -235,7 +215,12 @@ class PrecisionMonitor(pl.Callback):
             zeros = torch.count_nonzero((flat * (1.0 if scale is None else scale)).to(self._low).abs() < tiny)
             step.zero_counts.append((zeros, flat.numel()))
         if masters:
-            step.masters.append((masters, torch.cat([m.detach().reshape(-1) for m in masters])))
+            # the plugin copies its masters once a step, for this and for the advisor's lost-update sampling
+            if self._plugin is not None:
+                before = self._plugin.masters_before_step(optimizer)
+            else:
+                before = torch.cat([m.detach().reshape(-1) for m in masters])
+            step.masters.append((masters, before))
 
     def _low_grads_and_masters(self, params: list[Tensor], optimizer: Optimizer) -> tuple[list[Tensor], list[Tensor]]:
         """Gradients that were (or, under AMP, would be) low precision, and the FP32 weights with masters."""
@@ -299,125 +284,13 @@ class PrecisionMonitor(pl.Callback):
     def _update_lost_frac(self, pairs: list[tuple[list[Tensor], Tensor]]) -> Tensor:
         lost, changed = [], []
         for masters, before in pairs:
-            delta = torch.cat([m.detach().reshape(-1) for m in masters]) - before
-            low_before = before.to(self._low)
-            moved = delta != 0
-            unchanged = (low_before.float() + delta).to(self._low) == low_before
-            changed.append(moved.sum())
-            lost.append((moved & unchanged).sum())
+            n_moved, n_lost = lost_update_counts(
+                before, torch.cat([m.detach().reshape(-1) for m in masters]), self._low
+            )
+            changed.append(n_moved)
+            lost.append(n_lost)
         # a skipped step moves nothing: 0/0 is NaN, dropped at write-out
         return sum(lost) / sum(changed)
-
-    # ------------------------------------------------------------------ write-out
-    _DEVICE_FIELDS = ("loss", "scale_used", "amax", "amax_scale")
-
-    def _write(self, trainer: pl.Trainer) -> None:
-        """Move the buffered rows to the host in one transfer and hand them to every logger."""
-        rows, self._rows = self._rows, []
-        if not rows:
-            return
-        if self._cuda:
-            rows[-1].events[1].synchronize()
-            for row in rows:
-                start, end = row.events
-                row.metrics["step_time"] = start.elapsed_time(end) / 1000
-        # every device tensor of every row (metrics and the host-derived fields' inputs) in one stack
-        cells = [(row.metrics, key) for row in rows for key, v in row.metrics.items() if isinstance(v, Tensor)]
-        cells += [(row, key) for row in rows for key in self._DEVICE_FIELDS if isinstance(getattr(row, key), Tensor)]
-        if cells:
-
-            def get(holder: Any, key: str) -> Tensor:
-                return holder[key] if isinstance(holder, dict) else getattr(holder, key)
-
-            values = torch.stack([get(h, k).detach().float().reshape(()).to(self._device) for h, k in cells])
-            for (holder, key), value in zip(cells, values.tolist(), strict=True):
-                if isinstance(holder, dict):
-                    holder[key] = value
-                else:
-                    setattr(holder, key, value)
-        for row in rows:
-            metrics = row.metrics
-            self._derive(row)
-            logged = {f"precision/{k}": float(v) for k, v in metrics.items() if not math.isnan(v)}
-            for logger in trainer.loggers:
-                logger.log_metrics(logged, step=row.step)
-            if "loss_scale" in metrics:
-                self.scale_history.append((row.step, metrics["loss_scale"], int(metrics["overflow"])))
-            self.step_times.append(metrics["step_time"])
-            self.peak_memory_mb = max(self.peak_memory_mb, metrics["peak_memory_mb"])
-        for row in rows:
-            if row.layers is not None:
-                self._write_layers(trainer, row.step, *row.layers)
-                self._advise_headroom(trainer, row)
-
-    def _derive(self, row: _Row) -> None:
-        """Fields worked out on the host, in step order: running counts, AMP overflow, headroom, throughput."""
-        metrics = row.metrics
-        if row.loss is not None:
-            self.nan_steps += not math.isfinite(row.loss)
-            metrics["nan_steps"] = self.nan_steps
-        if row.scale_used is not None:
-            metrics["overflow"] = int(metrics["loss_scale"] < row.scale_used)
-            self.skipped_steps += metrics["overflow"]
-            metrics["skipped_steps"] = self.skipped_steps
-        elif "skipped_steps" in metrics:
-            self.skipped_steps = int(metrics["skipped_steps"])
-        if row.amax is not None:
-            scaled = row.amax * row.amax_scale
-            metrics["fp16_headroom_bits"] = math.log2(FP16_MAX / scaled) if scaled > 0 else math.inf
-        if row.voxels and metrics["step_time"] > 0:
-            metrics["throughput"] = row.voxels / metrics["step_time"]
-
-    def _write_layers(self, trainer: pl.Trainer, step: int, acts: dict, out_grads: dict) -> None:
-        names = list(acts)
-        nan = torch.full((), math.nan, device=self._device)
-        act, grad = torch.stack(
-            [torch.stack([acts[n].float() for n in names]), torch.stack([out_grads.get(n, nan).float() for n in names])]
-        ).tolist()
-        self.layer_absmax = dict(zip(names, zip(act, grad, strict=True), strict=True))
-        summary = {}
-        for key, values in (("act_absmax", act), ("act_grad_absmax", grad)):
-            if not all(math.isnan(v) for v in values):
-                summary[f"precision/{key}"] = float(np.nanmax(values))
-        for logger in trainer.loggers:
-            logger.log_metrics(summary, step=step)
-        self._warn_near_fp16_max(step, names, act)
-        if wandb_loggers(trainer):
-            import wandb
-
-            def log2(values: list[float]) -> np.ndarray:
-                finite = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
-                return np.log2(np.maximum(finite, 2.0**-40))
-
-            data = {"precision/layers/act_absmax_log2": wandb.Histogram(log2(act))}
-            if any(math.isfinite(g) for g in grad):
-                data["precision/layers/act_grad_absmax_log2"] = wandb.Histogram(log2(grad))
-            for logger in wandb_loggers(trainer):
-                log_to_wandb(logger, data, step)
-
-    def _advise_headroom(self, trainer: pl.Trainer, row: _Row) -> None:
-        """Hand this sampled step's per-layer abs-maxes to the plugin's headroom rule (``row.amax`` is None where
-        the step overflowed, which is the overflow rule's, or had no low-precision gradients)."""
-        if self._plugin is None or row.amax is None or row.metrics.get("overflow"):
-            return
-        acts = {name: act for name, (act, _) in self.layer_absmax.items()}
-        grads = {name: grad for name, (_, grad) in self.layer_absmax.items() if not math.isnan(grad)}
-        self._plugin.observe_headroom(trainer.lightning_module, row.step, acts, grads, float(row.amax_scale))
-
-    def _warn_near_fp16_max(self, step: int, names: list[str], act: list[float]) -> None:
-        # inf (already overflowed) ranks first; NaN says nothing about the range
-        ranked = sorted(((v, n) for v, n in zip(act, names, strict=True) if v > 0), reverse=True)
-        closest = ranked[: self.top_k]
-        if not closest or math.log2(FP16_MAX / closest[0][0]) >= self.warn_headroom_bits:
-            return
-        if tuple(n for _, n in closest) == self._warned:
-            return  # the same layers again: said already
-        self._warned = tuple(n for _, n in closest)
-        listed = ", ".join(
-            f"{n} {v:.4g} ({math.log2(FP16_MAX / v):.1f} bits below)" if math.isfinite(v) else f"{n} inf (overflowed)"
-            for v, n in closest
-        )
-        rank_zero_warn(f"PrecisionMonitor, step {step}: activations closest to the FP16 maximum {FP16_MAX:g}: {listed}")
 
     # ------------------------------------------------------------------ end, errors, checkpoints
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -432,18 +305,6 @@ class PrecisionMonitor(pl.Callback):
             self._write(trainer)  # the steps that led to a crash (e.g. the plugin's NaN stop) are the telling ones
         except Exception:  # noqa: BLE001 - never mask the exception that ended training
             pass
-
-    def totals(self) -> dict[str, float]:
-        """Run-level numbers for the W&B summary: skipped/NaN steps, final scale, peak memory, mean step time
-        (the first step, which includes warm-up, left out when there are others)."""
-        out: dict[str, float] = {"skipped_steps": self.skipped_steps, "nan_steps": self.nan_steps}
-        if self.scale_history:
-            out["final_loss_scale"] = self.scale_history[-1][1]
-        if self.step_times:
-            times = self.step_times[1:] or self.step_times
-            out["mean_step_time_s"] = float(np.mean(times))
-            out["peak_memory_mb"] = self.peak_memory_mb
-        return out
 
     def state_dict(self) -> dict[str, int]:
         return {"nan_steps": self.nan_steps, "skipped_steps": self.skipped_steps}

@@ -11,6 +11,7 @@ import yaml
 from torch import nn
 
 from medseg.config_check import ConfigError
+from medseg.precision.state import saved_state
 
 PLAN_FILE = "precision_plan.yaml"
 
@@ -119,3 +120,10 @@ def outermost(names: Iterable[str]) -> list[str]:
     """Drop names inside another of the names (``net.a.b`` when ``net.a`` is there), keeping the order."""
     names = list(dict.fromkeys(names))
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def saved_fp32_modules(checkpoint: dict) -> list[str]:
+    """The `fp32_modules` of the precision plan a `+precision=mixed` run saved in `checkpoint` (its configured
+    modules and the advisor's promotions: globs or class names, names as in the LightningModule); [] without one."""
+    state = saved_state(checkpoint) or {}
+    return PrecisionPlan.from_dict(state.get("plan") or {}, source="checkpoint precision plan").fp32_modules

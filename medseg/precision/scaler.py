@@ -122,6 +122,15 @@ class DynamicLossScaler:
             if self.dynamic:
                 self._set_scale(min(self._scale * self.growth_factor, self.max_scale))
 
+    def stuck(self, scale: float, max_consecutive_skips: int) -> str | None:
+        """Why training cannot go on after an overflow step that ran at ``scale`` (None when it can): the scale was
+        already at ``min_scale``, or ``max_consecutive_skips`` steps in a row were skipped."""
+        if self.dynamic and scale <= self.min_scale:
+            return f"the loss scale is at min_scale={self.min_scale} and still overflows"
+        if self.consecutive_skips >= max_consecutive_skips:
+            return f"{self.consecutive_skips} steps in a row were skipped"
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Everything that changes during training, as Python numbers (loads with ``weights_only=True``).
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from medseg.precision.plugin import MasterWeightPrecision
+from medseg.precision.view import master_weights
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class NonFiniteLossGuard(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.active = not isinstance(trainer.precision_plugin, MasterWeightPrecision)
+        self.active = master_weights(trainer) is None
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:

@@ -1,13 +1,13 @@
 """The end of a run: its best score, and for W&B the run summary, the loss-scale chart and the per-layer table."""
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
 
-from medseg.precision.monitor import FP16_MAX, PrecisionMonitor
+from medseg.precision.dtypes import headroom_bits
+from medseg.precision.monitor import PrecisionMonitor
 from medseg.precision.plan import PrecisionPlan
-from medseg.precision.plugin import MasterWeightPrecision
+from medseg.precision.view import master_weights
 from medseg.tracking.loggers import SafeWandbLogger, log_to_wandb, wandb_loggers
 
 
@@ -35,11 +35,11 @@ class WandbRunSummary(pl.Callback):
         if best_dice is not None:
             summary["summary/best_val_dice"] = best_dice
         media: dict[str, Any] = {}
-        plugin = trainer.precision_plugin
-        plan = plugin.plan if isinstance(plugin, MasterWeightPrecision) else None
+        plugin = master_weights(trainer)
+        plan = plugin.plan if plugin is not None else None
         if plan is not None:  # logged even when empty, so the dashboard's plan panel always has its table
             media["precision/plan"] = plan_table(plan)
-        if isinstance(plugin, MasterWeightPrecision) and plugin.advisor is not None and plugin.advisor.lost_updates:
+        if plugin is not None and plan is not None and plugin.advisor is not None and plugin.advisor.lost_updates:
             rows = sorted(plugin.advisor.lost_updates.items(), key=lambda kv: -kv[1])
             media["precision/lost_updates"] = _table(["module", "lost_update_share"], [list(r) for r in rows])
             summary["summary/fp32_modules"] = len(plan.fp32_modules)
@@ -107,8 +107,7 @@ def layer_table(layer_absmax: dict[str, tuple[float, float]]) -> Any:
 
     rows = []
     for name, (act, grad) in sorted(layer_absmax.items(), key=lambda kv: -kv[1][0]):
-        headroom = math.log2(FP16_MAX / act) if act > 0 else math.inf
-        rows.append([name, act, grad, headroom])
+        rows.append([name, act, grad, headroom_bits(act)])
     return wandb.Table(columns=["layer", "act_absmax", "act_grad_absmax", "fp16_headroom_bits"], data=rows)
 
 

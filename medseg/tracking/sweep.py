@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medseg.precision.monitor import PrecisionMonitor
+from medseg.precision.view import master_weights
 from medseg.reliability.atomic_io import write_atomic
 from medseg.tracking.summary import best_score
 from medseg.tracking.tables import fmt, markdown_table
@@ -59,7 +60,8 @@ def write_job_result(
         result["global_step"] = trainer.global_step
         monitor = PrecisionMonitor.of(trainer)
         totals = monitor.totals() if monitor is not None else {}
-        plugin_step = getattr(trainer.precision_plugin, "last_step", None) or {}
+        plugin = master_weights(trainer)
+        plugin_step = plugin.last_step if plugin is not None else {}
         result["skipped_steps"] = totals.get("skipped_steps", plugin_step.get("skipped_steps"))
         result["step_time_s"] = totals.get("mean_step_time_s")
         result["peak_memory_mb"] = totals.get("peak_memory_mb")
