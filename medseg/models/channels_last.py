@@ -2,11 +2,11 @@
 
 aten's ``instance_norm`` views its input as (1, N*C, D, H, W) for ``batch_norm``, which only works on NCDHW: given
 an NDHWC tensor it makes an NCDHW copy and returns NCDHW, and the next convolution (NDHWC weights) converts back,
-in the forward and again in the backward pass. Profiled on CPU (MONAI UNet, 96^3, batch 2) those copies were 16 %
-of the step. Batch norm over one sample at a time is the same instance norm, and oneDNN/ATen run it on NDHWC
+in the forward and again in the backward pass, a measurable share of a CPU step (benchmarks/HISTORY.md, "CPU, third
+session"). Batch norm over one sample at a time is the same instance norm, and oneDNN/ATen run it on NDHWC
 directly and its output stays NDHWC. That pays for large activations, whose NCDHW copy is a cache-unfriendly
-transpose (UNet 128^3: -23 % fp32 step); on small ones, which stay in cache, torch's copy is cheap and the per-sample
-kernel slower (UNet 48^3 x4, fp32: +15 % step when every norm took this path), hence `MIN_BYTES`.
+transpose; on small ones, which stay in cache, torch's copy is cheap and the per-sample kernel slower, hence
+`MIN_BYTES` (both measured there).
 """
 
 import torch

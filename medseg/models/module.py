@@ -37,10 +37,11 @@ class SegmentationModule(pl.LightningModule):
         modality...); only stored in the checkpoint's hyper-parameters.
     channels_last: hold conv weights and feed inputs in `torch.channels_last_3d` (NDHWC), with instance norms
         that keep that layout (`medseg.models.channels_last`). `"auto"`: on CPU only, where oneDNN's NDHWC
-        convolutions make steps 4-38 % faster; on an H200 it gained nothing and took more memory
-        (benchmarks/RESULTS.md).
+        convolutions make steps faster; on an H200 it gained nothing and took more memory (benchmarks/RESULTS.md,
+        "Training step speed and memory per precision").
     compile: `torch.compile` the net (parameter names and checkpoints unchanged).
-        Costs 15-30 s at the start; the GPU step is 1.5-1.8x faster (H200, UNet/DynUNet 128^3), the CPU step ~17 %.
+        Costs a compile at the start for faster steps (benchmarks/RESULTS.md, "Training step speed and memory per
+        precision").
     test_dtype: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the test pass converts the net
         as `medseg.predict dtype=` does and stitches in that dtype; None: the training precision.
 

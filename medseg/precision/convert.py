@@ -18,7 +18,8 @@ from medseg.precision.plan import match_modules
 # what MONAI's Norm factory returns. ATen's and cuDNN's batch/instance-norm kernels take FP16/BF16 input with FP32
 # weights and accumulate the statistics in FP32 (autocast relies on it), so by default these layers are fed the
 # low-precision activations as they come; casting them to FP32 and back costs three passes over every activation
-# and an FP32 copy kept for backward (H200, UNet 128^3: +19 % step time; CPU: +7-9 %, +17-22 % peak memory).
+# and an FP32 copy kept for backward (the `mixed:normfp32` rows of benchmarks/HISTORY.md, "GPU, second session" and
+# "CPU, second session").
 # GroupNorm and LayerNorm were not measured that way and always compute in FP32.
 STAT_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase,)
 NORM_TYPES: tuple[type[nn.Module], ...] = STAT_NORM_TYPES + (nn.GroupNorm, nn.LayerNorm)

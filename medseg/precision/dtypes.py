@@ -29,7 +29,8 @@ FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 
 def auto_low_dtype(device_type: str) -> torch.dtype:
     """What `dtype: auto` means on a device: float16 on CUDA (tensor cores), bfloat16 elsewhere (CPUs have no fast
-    FP16 kernels: FP16 convolutions on a CPU ran 25-200x slower than FP32; BF16 is the CPU's fast low dtype)."""
+    FP16 kernels, benchmarks/RESULTS.md "Precision advisor, transformer U-Nets, FP16 attention"; BF16 is the CPU's
+    fast low dtype)."""
     return torch.float16 if device_type == "cuda" else torch.bfloat16
 
 

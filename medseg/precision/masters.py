@@ -16,8 +16,9 @@ from medseg.precision.dtypes import LOW_DTYPES
 
 # Optimizers with a `fused=True` kernel on both CPU and CUDA. The step on the masters comes right after the
 # plugin's one host sync, with no GPU work queued behind it, so its launch overhead is GPU idle time: the fused
-# kernel takes one launch for all masters instead of a dozen multi-tensor ones (measured on an H200, UNet 128^3:
-# 2.6 -> 1.4 ms per step outside forward/backward); on CPU it replaces a Python loop over the parameters.
+# kernel takes one launch for all masters instead of a dozen multi-tensor ones (measured on an H200: the `opt ms`
+# column, benchmarks/RESULTS.md "Training step speed and memory per precision: GPU (H200)", and HISTORY.md "GPU,
+# first session"); on CPU it replaces a Python loop over the parameters.
 FUSED_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 # Fused kernels that skip the whole update on the device when `optimizer.found_inf` is nonzero (the hook torch
 # gives GradScaler) and undo their step count. Not SGD: on a skipped first step its fused path leaves the momentum

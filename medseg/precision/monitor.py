@@ -24,10 +24,8 @@ act_grad_absmax    largest abs-max of a layer's output gradient (scaled)   all
 Cheap metrics are kept on the device every step and written, with one host sync, on every ``every_n_steps``-th
 step; the costly ones are computed on those steps only (the write-out: ``medseg.precision.monitor_writeout``).
 Per-layer abs-maxes go to listeners (W&B histograms: ``medseg.tracking.layer_histograms``), and a warning names
-the layers whose activations come closest to the FP16 maximum. At the default settings the
-callback took 1.6-2.2% of the step time of a tiny 3D U-Net (35k parameters, 2x32^3 batch) on one CPU thread,
-measured as the time spent inside its hooks; larger models pay relatively less (its cost is per tensor and layer,
-not per voxel, except for the sampled steps' abs-maxes).
+the layers whose activations come closest to the FP16 maximum. Its cost is per tensor and layer, not per voxel
+(except for the sampled steps' abs-maxes), so larger models pay relatively less.
 """
 
 import math
