@@ -95,8 +95,10 @@ def _run(command: list, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def _odd_case(folder: Path, channels: int) -> Path:
-    """An LPS, anisotropic (1.3 x 2.9 x 2.1 mm), shifted case: nothing like the training grid."""
+    """An LPS, anisotropic (1.3 x 2.9 x 2.1 mm), shifted case: nothing like the training grid; negative values
+    at one border (air in CT HU), which the nonzero crop keeps and a positive-only crop would cut."""
     image, _ = make_case(np.random.default_rng(5), (30, 26, 22))
+    image[:4] = -40.0
     if channels > 1:
         image = np.stack([image] * channels, axis=-1) * np.arange(1, channels + 1, dtype=np.float32)
     affine = np.diag([-1.3, -2.9, 2.1, 1.0])
