@@ -1,10 +1,12 @@
 """Export a trained model to run outside medseg.
 
 python -m medseg.export <run folder or checkpoint> --format bundle --out <folder>   # MONAI bundle (TorchScript)
-python -m medseg.export <run folder or checkpoint> --format onnx --out <folder>     # ONNX model + metadata
+python -m medseg.export <run folder or checkpoint> --format onnx --out <folder>     # the same, net in ONNX
 
 A run folder exports its best checkpoint (as `medseg.predict` picks it); weights are the FP32 masters of a
 `+precision=mixed` run. Preprocessing, mirroring and postprocessing are those `medseg.predict` applies by default.
+Both formats write a MONAI bundle (medseg.deploy.bundle); with `onnx` its net is models/model.onnx, run by ONNX
+Runtime on the CPU (needs `pip install -e .[export]`).
 """
 
 import argparse
@@ -36,11 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def export(args: argparse.Namespace) -> Path:
     model = load_trained(args.ckpt, allow_unsafe=args.allow_unsafe_checkpoint)
-    if args.format == "onnx":
-        from medseg.deploy.onnx_model import write_onnx  # onnx is an optional dependency (the `export` extra)
-
-        return write_onnx(model, args.out, opset=args.opset, overwrite=args.overwrite)
-    return write_bundle(model, args.out, overwrite=args.overwrite)
+    network = "onnx" if args.format == "onnx" else "torchscript"
+    return write_bundle(model, args.out, overwrite=args.overwrite, network=network, opset=args.opset)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,8 @@ from medseg.data.synthetic import make_case, write_synthetic_dataset
 from medseg.data.transforms import preprocess
 from medseg.deploy import bundle_runtime
 from medseg.deploy.bundle import inference_config
+from medseg.deploy.onnx_model import ATOL as ONNX_ATOL
+from medseg.deploy.onnx_model import run_onnx, to_onnx
 from medseg.deploy.torchscript import to_torchscript
 from medseg.deploy.trained import TrainedModel, load_trained
 from medseg.export import main as export_main
@@ -123,8 +125,8 @@ def _inputs(dataset: Path, folder: Path, channels: int) -> Path:
     return folder
 
 
-def _export(run_dir: Path, bundle: Path, channels: int) -> Path:
-    export_main([str(run_dir), "--format", "bundle", "--out", str(bundle)])
+def _export(run_dir: Path, bundle: Path, channels: int, fmt: str = "bundle") -> Path:
+    export_main([str(run_dir), "--format", fmt, "--out", str(bundle)])
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert REQUIRED_META <= set(meta), REQUIRED_META - set(meta)
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == channels
@@ -153,16 +155,19 @@ def _assert_same_masks(run_dir: Path, inputs: Path, bundle_out: Path, tmp: Path)
         assert (got_mask != want_mask).mean() < 1e-3, image.name
 
 
-def test_bundle_predicts_like_medseg(one_channel_run, tmp_path):
-    """The exported bundle run by MONAI's `run` (in this process; the test below runs it where medseg is not
-    installed) writes `medseg.predict`'s masks: mirrored over two axes, keep-largest, on an LPS anisotropic case."""
+@pytest.mark.parametrize("fmt", ["bundle", pytest.param("onnx", marks=pytest.mark.slow)])
+def test_bundle_predicts_like_medseg(fmt, one_channel_run, tmp_path):
+    """The exported bundle (TorchScript, or ONNX run by ONNX Runtime) run by MONAI's `run` (in this process; the test
+    below runs it where medseg is not installed) writes `medseg.predict`'s masks: mirrored over two axes,
+    keep-largest, on an LPS anisotropic case."""
     from monai.bundle import run
 
     dataset, run_dir = one_channel_run
     model = load_trained(run_dir)
     assert model.mirror_axes == [0, 1] and model.keep_largest  # both exercised
     inputs = _inputs(dataset, tmp_path / "in", 1)
-    bundle = _export(run_dir, tmp_path / "bundle", 1)
+    bundle = _export(run_dir, tmp_path / "bundle", 1, fmt)
+    assert (bundle / "models" / ("model.onnx" if fmt == "onnx" else "model.ts")).is_file()
     path = list(sys.path)
     try:
         run(**{k: str(v) for k, v in _bundle_args(bundle, inputs, tmp_path / "bundle_out").items()})
@@ -184,6 +189,18 @@ def test_bundle_predicts_like_medseg_where_medseg_is_not_installed(run, request,
     result = _run([python_without_medseg, "-m", "monai.bundle", "run", *args], cwd=tmp_path)
     assert result.returncode == 0, output(result)
     _assert_same_masks(run_dir, inputs, tmp_path / "bundle_out", tmp_path)
+
+
+def test_onnx_logits_within_tolerance_of_pytorch(tmp_path):
+    """Dynamic batch and spatial axes: a size other than the export example's runs, within 1e-4 of PyTorch."""
+    torch.manual_seed(0)
+    net = instantiate({**NETS["unet"][0], "in_channels": 2, "out_channels": 3}).eval()
+    path = to_onnx(net, torch.randn(2, 2, 32, 32, 32), tmp_path / "model.onnx")
+    x = torch.randn(3, 2, 48, 40, 24)
+    with torch.no_grad():
+        want = net(x).numpy()
+    got = run_onnx(path, x)
+    assert got.shape == want.shape and np.abs(got - want).max() <= ONNX_ATOL == 1e-4
 
 
 @pytest.mark.parametrize("modality", ["MRI", "CT"])
@@ -215,11 +232,11 @@ def test_bundle_inferer_computes_medseg_sliding_window_probs_bit_for_bit():
 
 
 def test_bundle_runtime_imports_only_torch_and_monai():
-    """scripts/runtime.py runs inside the bundle, where medseg is not installed."""
+    """scripts/runtime.py runs inside the bundle, where medseg is not installed (ONNX Runtime: ONNX bundles only)."""
     tree = ast.parse(Path(bundle_runtime.__file__).read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert roots <= {"torch", "monai", "itertools", "collections"}, roots
+    assert roots <= {"torch", "monai", "itertools", "collections", "onnxruntime"}, roots
 
 
 NETS = {  # conf/model/*.yaml nets, shrunk

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from medseg.deploy import bundle_runtime
+from medseg.deploy.onnx_model import to_onnx
 from medseg.deploy.torchscript import to_torchscript
 from medseg.deploy.trained import TrainedModel
 
@@ -81,14 +82,25 @@ def postprocessing(model: TrainedModel) -> list[dict]:
     return steps
 
 
-def inference_config(model: TrainedModel) -> dict:
-    """configs/inference.json: the settings first (each overridable with `--name value`), then the components."""
+NETWORKS = {  # how inference.json loads each format's net file
+    "torchscript": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device)",
+    "onnx": {"_target_": "scripts.runtime.OnnxNetwork", "path": "$@bundle_root + '/models/model.onnx'"},
+}
+DEVICES = {
+    "torchscript": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+    "onnx": "$torch.device('cpu')",  # ONNX Runtime's CPU execution provider
+}
+
+
+def inference_config(model: TrainedModel, network: str = "torchscript") -> dict:
+    """configs/inference.json for a `network` of "torchscript" (models/model.ts) or "onnx" (models/model.onnx):
+    the settings first (each overridable with `--name value`), then the components."""
     return {
         "imports": ["$import functools", "$import glob", "$import operator", "$import numpy as np", "$import torch"],
         "bundle_root": ".",
         "dataset_dir": "$@bundle_root + '/data'",
         "output_dir": "$@bundle_root + '/eval'",
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "device": DEVICES[network],
         "spacing": list(model.info["spacing"]),
         "patch_size": list(model.info["patch_size"]),
         "mirror_axes": model.mirror_axes,
@@ -97,7 +109,7 @@ def inference_config(model: TrainedModel) -> dict:
         "overlap": model.overlap,
         "num_workers": 2,
         "datalist": "$sorted(glob.glob(@dataset_dir + '/*.nii.gz') + glob.glob(@dataset_dir + '/*.nii'))",
-        "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device)",
+        "network_def": NETWORKS[network],
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": preprocessing(model)},
         "dataset": {"_target_": "Dataset", "data": "$[{'image': f} for f in @datalist]", "transform": "@preprocessing"},
@@ -131,9 +143,9 @@ def inference_config(model: TrainedModel) -> dict:
     }
 
 
-def metadata(model: TrainedModel, exported_by: str) -> dict:
+def metadata(model: TrainedModel, exported_as: str) -> dict:
     """configs/metadata.json: the bundle specification's required keys, the net's input and output, and what
-    medseg applies around the net (`medseg`)."""
+    medseg applies around the net (`medseg`). `exported_as`: "script", "trace" (TorchScript) or "onnx"."""
     info, names = model.info, model.label_names
     modality = "CT" if info["modality"].upper() == "CT" else "MR"
     patch = list(info["patch_size"])
@@ -191,7 +203,7 @@ def metadata(model: TrainedModel, exported_by: str) -> dict:
         },
         "medseg": {
             "checkpoint": model.path.name,
-            "torchscript": exported_by,
+            "exported_as": exported_as,
             "spacing": list(info["spacing"]),
             "modality": info["modality"],
             "ct_window": list(info["ct_window"]),
@@ -202,20 +214,27 @@ def metadata(model: TrainedModel, exported_by: str) -> dict:
     }
 
 
-def write_bundle(model: TrainedModel, out: Path, overwrite: bool = False) -> Path:
-    """Write the bundle folder `out` whole or not at all (built beside it, then renamed). Returns `out`."""
+def write_bundle(
+    model: TrainedModel, out: Path, overwrite: bool = False, network: str = "torchscript", opset: int | None = None
+) -> Path:
+    """Write the bundle folder `out` whole or not at all (built beside it, then renamed). Returns `out`.
+    `network`: "torchscript" (models/model.ts) or "onnx" (models/model.onnx, run by ONNX Runtime; `opset`)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out}: a folder that is not empty; choose another or pass --overwrite")
-    module, how = to_torchscript(model.net, model.example_input(batch=2))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".partial-{out.name}-", dir=out.parent))
     try:
         for sub in ("configs", "models", "scripts"):
             (tmp / sub).mkdir()
+        if network == "onnx":
+            to_onnx(model.net, model.example_input(batch=2), tmp / "models" / "model.onnx", opset)
+            how = "onnx"
+        else:
+            module, how = to_torchscript(model.net, model.example_input(batch=2))
+            torch.jit.save(module, str(tmp / "models" / "model.ts"))
         (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata(model, how), indent=2) + "\n")
-        (tmp / "configs" / "inference.json").write_text(json.dumps(inference_config(model), indent=2) + "\n")
-        torch.jit.save(module, str(tmp / "models" / "model.ts"))
+        (tmp / "configs" / "inference.json").write_text(json.dumps(inference_config(model, network), indent=2) + "\n")
         (tmp / "scripts" / "__init__.py").write_text("")
         shutil.copyfile(bundle_runtime.__file__, tmp / "scripts" / "runtime.py")
         if out.exists():

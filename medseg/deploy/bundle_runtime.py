@@ -65,6 +65,26 @@ class MirroredSlidingWindowInferer(Inferer):
         return total.div_(len(self.flips)) if len(self.flips) > 1 else total
 
 
+class OnnxNetwork:
+    """An ONNX model (`medseg.export --format onnx`) run by ONNX Runtime on the CPU, called as the TorchScript net
+    is: logits (B, C_out, X, Y, Z) float32 of (B, C_in, X, Y, Z) float32."""
+
+    def __init__(self, path: str) -> None:
+        import onnxruntime  # only ONNX bundles need it
+
+        self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.detach().cpu().numpy()})[0])
+
+    def to(self, device) -> "OnnxNetwork":
+        return self  # the CPU execution provider
+
+    def eval(self) -> "OnnxNetwork":
+        return self
+
+
 @torch.no_grad()
 def predict_all(dataloader, network, inferer, postprocessing, device: torch.device | str) -> int:
     """Run `inferer` on each batch of preprocessed images ({"image": (B, C_in, X, Y, Z) MetaTensor}) and
