@@ -1,7 +1,8 @@
 """Inference: `python -m medseg.predict ckpt_path=<ckpt, [ckpts] or folder of fold runs> input=<file or folder>
 output=<folder> [dtype=auto] [postprocessing=auto]`.
 
-Each input NIfTI gets one uint8 mask of the same name in `output`, with the input's exact shape and affine:
+Each input NIfTI gets one uint8 mask of the same name in `output`, with the input's exact shape and affine (a DICOM
+series, one per folder: `<folder>.nii.gz`, on the series' voxel grid; medseg.inference.dicom):
 the preprocessing (orientation, resampling, cropping, padding) is inverted with MONAI's `Invertd`. Several
 checkpoints (an ensemble) average their softmax. Cases that cannot be predicted are named, the others predicted,
 and the command exits with status 1 listing them at the end.
@@ -26,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medseg import CONF_DIR
 from medseg.checkpoint import CheckpointError, fp32_net_state, load_checkpoint
 from medseg.data.transforms import preprocess
-from medseg.inference import postprocess
+from medseg.inference import dicom, postprocess
 from medseg.inference.cases import Case, CaseDataset, case_loader, save_mask, save_probs
 from medseg.inference.ensemble import check_compatible, checkpoint_paths
 from medseg.inference.precision import convert_net, inference_dtype, saved_fp32_modules, stitch_device
@@ -47,23 +48,30 @@ class CasesFailed(RuntimeError):
 
 
 def list_inputs(input_path: Path) -> list[Path]:
+    """NIfTI files, and DICOM series as folders (`input` itself, or its subfolders: one series per folder)."""
     if input_path.is_file():
         return [input_path]
     if input_path.is_dir():
         files = sorted(
             p for p in input_path.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(PARTIAL)
         )
+        files += dicom.series_folders(input_path)
         if not files:
-            raise FileNotFoundError(f"input={input_path}: no .nii/.nii.gz files in this folder")
+            raise FileNotFoundError(f"input={input_path}: no .nii/.nii.gz files or DICOM series in this folder")
         return files
     raise FileNotFoundError(f"input={input_path}: no such file or folder")
+
+
+def mask_name(input_path: Path) -> str:
+    """A NIfTI input's own name; `<folder>.nii.gz` for a DICOM series folder."""
+    return input_path.name if input_path.name.endswith(NIFTI_SUFFIXES) else f"{input_path.name}.nii.gz"
 
 
 def check_output_folder(inputs: list[Path], output: Path) -> None:
     """Refuse an output folder that is, or lies inside, a folder holding inputs: masks would sit beside (or
     overwrite) the images they came from."""
     out = output.resolve()
-    for folder in {p.resolve().parent for p in inputs}:
+    for folder in {p.resolve() if p.is_dir() else p.resolve().parent for p in inputs}:
         if out == folder or folder in out.parents:
             raise ValueError(f"output={output} is inside the input folder {folder}; choose a folder outside it")
 
@@ -222,7 +230,7 @@ def pending(inputs: list[Path], output: Path, overwrite: bool, with_probs: bool)
     todo = [
         p
         for p in inputs
-        if not (output / p.name).is_file() or (with_probs and not (output / probs_name(p.name)).is_file())
+        if not (output / mask_name(p)).is_file() or (with_probs and not (output / probs_name(mask_name(p))).is_file())
     ]
     return todo, len(inputs) - len(todo)
 
@@ -285,10 +293,11 @@ def _predict_case(predictor: Predictor, case: Case, output: Path, with_probs: bo
     assert case.data is not None
     try:
         mask, probs = predictor.predict_case(case.data, with_probs)
-        affine = nib.load(case.path).affine
-        out = save_mask(output / case.path.name, mask, affine)
+        # a DICOM series' RAS affine as its reader built it from the headers
+        affine = case.data["image"].meta["original_affine"] if case.path.is_dir() else nib.load(case.path).affine
+        out = save_mask(output / mask_name(case.path), mask, affine)
         if probs is not None:
-            save_probs(output / probs_name(case.path.name), probs)
+            save_probs(output / probs_name(mask_name(case.path)), probs)
     except (RuntimeError, ValueError, OSError) as err:
         return f"{case.path}: prediction failed ({type(err).__name__}: {str(err).strip().splitlines()[0]})"
     log.info("%s -> %s %s", case.path, out, mask.shape)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from medseg.inference.dicom import check_series
 from medseg.reliability.atomic_io import write_atomic
 
 
@@ -54,7 +55,8 @@ class CaseDataset(Dataset):
 
     def __getitem__(self, index: int) -> Case:
         path = self.paths[index]
-        if (error := check_header(path, self.in_channels)) is not None:
+        check = check_series if path.is_dir() else check_header  # a folder: a DICOM series
+        if (error := check(path, self.in_channels)) is not None:
             return Case(path, error=error)
         try:
             return Case(path, data=self.preprocess({"image": str(path)}))
