@@ -28,7 +28,19 @@ from medseg import CONF_DIR
 from medseg.checkpoint import CheckpointError, fp32_net_state, load_checkpoint
 from medseg.data.transforms import preprocess
 from medseg.inference import dicom, postprocess
-from medseg.inference.cases import Case, CaseDataset, case_loader, save_mask, save_probs
+from medseg.inference.cases import (
+    NIFTI_SUFFIXES,
+    Case,
+    CaseDataset,
+    case_loader,
+    mask_name,
+    output_formats,
+    output_names,
+    probs_name,
+    save_mask,
+    save_probs,
+)
+from medseg.inference.dicom_seg import write_seg
 from medseg.inference.ensemble import check_compatible, checkpoint_paths
 from medseg.inference.precision import convert_net, inference_dtype, saved_fp32_modules, stitch_device
 from medseg.models.inference import mirror_flips, probs_to_labels, sliding_window_probs
@@ -36,7 +48,6 @@ from medseg.precision.plan import PlanError
 from medseg.reliability.atomic_io import PARTIAL
 
 log = logging.getLogger(__name__)
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 class CasesFailed(RuntimeError):
@@ -62,11 +73,6 @@ def list_inputs(input_path: Path) -> list[Path]:
     raise FileNotFoundError(f"input={input_path}: no such file or folder")
 
 
-def mask_name(input_path: Path) -> str:
-    """A NIfTI input's own name; `<folder>.nii.gz` for a DICOM series folder."""
-    return input_path.name if input_path.name.endswith(NIFTI_SUFFIXES) else f"{input_path.name}.nii.gz"
-
-
 def check_output_folder(inputs: list[Path], output: Path) -> None:
     """Refuse an output folder that is, or lies inside, a folder holding inputs: masks would sit beside (or
     overwrite) the images they came from."""
@@ -74,12 +80,6 @@ def check_output_folder(inputs: list[Path], output: Path) -> None:
     for folder in {p.resolve() if p.is_dir() else p.resolve().parent for p in inputs}:
         if out == folder or folder in out.parents:
             raise ValueError(f"output={output} is inside the input folder {folder}; choose a folder outside it")
-
-
-def probs_name(mask_name: str) -> str:
-    for suffix in NIFTI_SUFFIXES[::-1]:  # .nii.gz before .nii
-        mask_name = mask_name.removesuffix(suffix)
-    return mask_name + ".npz"
 
 
 class Predictor:
@@ -135,6 +135,7 @@ class Predictor:
         except ValueError as err:
             raise ValueError(f"mirror_axes: {err}") from None
         self.in_channels = int(info["net"]["in_channels"])
+        self.label_names = list(info["label_names"])
         self.num_classes = len(info["label_names"])
         self.rois = [i["patch_size"] for i in infos]
         self.sw_batch_size, self.overlap = sw_batch_size, overlap
@@ -223,15 +224,13 @@ def net_input(data: dict, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return x
 
 
-def pending(inputs: list[Path], output: Path, overwrite: bool, with_probs: bool) -> tuple[list[Path], int]:
+def pending(
+    inputs: list[Path], output: Path, overwrite: bool, with_probs: bool, formats: Sequence[str] = ("nifti",)
+) -> tuple[list[Path], int]:
     """The inputs whose outputs are still to be written (all with `overwrite`), and how many were skipped."""
     if overwrite:
         return inputs, 0
-    todo = [
-        p
-        for p in inputs
-        if not (output / mask_name(p)).is_file() or (with_probs and not (output / probs_name(mask_name(p))).is_file())
-    ]
+    todo = [p for p in inputs if not all((output / n).is_file() for n in output_names(p, formats, with_probs))]
     return todo, len(inputs) - len(todo)
 
 
@@ -254,6 +253,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     inputs = list_inputs(Path(cfg.input))
     output = Path(cfg.output)
     check_output_folder(inputs, output)
+    formats = output_formats(cfg.get("output_format", "nifti"), inputs)
     predictor = Predictor(
         cfg.ckpt_path,
         cfg.device,
@@ -264,7 +264,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         cfg.dtype,
         cfg.postprocessing,
     )
-    todo, skipped = pending(inputs, output, cfg.overwrite, cfg.save_probs)
+    todo, skipped = pending(inputs, output, cfg.overwrite, cfg.save_probs, formats)
     if skipped:
         log.info("%d case(s) already predicted in %s, skipped (overwrite=true predicts them again)", skipped, output)
     output.mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task("predict", total=len(todo))
         for case in loader:
-            if (error := _predict_case(predictor, case, output, cfg.save_probs, written)) is not None:
+            if (error := _predict_case(predictor, case, output, cfg.save_probs, written, formats)) is not None:
                 failures.append(error)
                 log.error(error)
             bar.advance(task)
@@ -286,8 +286,15 @@ def predict(cfg: DictConfig) -> list[Path]:
     return written
 
 
-def _predict_case(predictor: Predictor, case: Case, output: Path, with_probs: bool, written: list[Path]) -> str | None:
-    """Predict and write one case; the error line if it could not be."""
+def _predict_case(
+    predictor: Predictor,
+    case: Case,
+    output: Path,
+    with_probs: bool,
+    written: list[Path],
+    formats: Sequence[str] = ("nifti",),
+) -> str | None:
+    """Predict and write one case (`formats`: "nifti", "dicom_seg"); the error line if it could not be."""
     if case.error is not None:
         return case.error
     assert case.data is not None
@@ -295,13 +302,15 @@ def _predict_case(predictor: Predictor, case: Case, output: Path, with_probs: bo
         mask, probs = predictor.predict_case(case.data, with_probs)
         # a DICOM series' RAS affine as its reader built it from the headers
         affine = case.data["image"].meta["original_affine"] if case.path.is_dir() else nib.load(case.path).affine
-        out = save_mask(output / mask_name(case.path), mask, affine)
+        outs = [save_mask(output / mask_name(case.path), mask, affine)] if "nifti" in formats else []
+        if "dicom_seg" in formats:
+            outs.append(write_seg(mask, case.path, predictor.label_names, output / f"{case.path.name}.seg.dcm"))
         if probs is not None:
             save_probs(output / probs_name(mask_name(case.path)), probs)
     except (RuntimeError, ValueError, OSError) as err:
         return f"{case.path}: prediction failed ({type(err).__name__}: {str(err).strip().splitlines()[0]})"
-    log.info("%s -> %s %s", case.path, out, mask.shape)
-    written.append(out)
+    log.info("%s -> %s %s", case.path, ", ".join(map(str, outs)), mask.shape)
+    written.extend(outs)
     return None
 
 

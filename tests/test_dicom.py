@@ -1,5 +1,5 @@
 """DICOM series in: a series written from a real hippocampus case predicts the mask of its NIfTI twin (oblique and
-LPS geometry); a bad series gets one line naming the file and the fault."""
+LPS geometry); a bad series gets one line naming the file and the fault. DICOM SEG out reads back onto the mask."""
 
 import shutil
 from pathlib import Path
@@ -41,8 +41,8 @@ def _affine(kind: str) -> np.ndarray:
     return affine
 
 
-def _predict(run_dir: Path, input: Path, output: Path) -> list[Path]:
-    cfg = [f"ckpt_path={run_dir}", f"input={input}", f"output={output}", "device=cpu", "dtype=fp32"]
+def _predict(run_dir: Path, input: Path, output: Path, *overrides: str) -> list[Path]:
+    cfg = [f"ckpt_path={run_dir}", f"input={input}", f"output={output}", "device=cpu", "dtype=fp32", *overrides]
     return predict(compose_cfg([*cfg, "progress=false", "num_workers=0"], output, "predict"))
 
 
@@ -157,3 +157,31 @@ def test_predict_lists_a_bad_series_and_predicts_the_others(run_dir, tmp_path):
     assert [p.name for p in failed.value.written] == ["good.nii.gz"]
     [line] = failed.value.failures
     assert line.startswith(str(tmp_path / "in" / "bad")) and "missing slice" in line
+
+
+def test_dicom_seg_reads_back_onto_the_nifti_mask(run_dir, tmp_path):
+    """output_format=both: the SEG references the series, names one segment per class, and its frames, read back
+    by highdicom per source slice, are the NIfTI mask's voxels."""
+    import highdicom as hd
+
+    source = shared_dataset("Task04_Hippocampus") / "imagesTr" / "hippocampus_001.nii.gz"
+    series, _ = dicom_and_nifti_twins(source, _affine("oblique"), tmp_path / "cases")
+    (tmp_path / "cases" / "twin.nii.gz").unlink()
+    written = _predict(run_dir, tmp_path / "cases", tmp_path / "out", "output_format=both")
+    assert [p.name for p in written] == ["series.nii.gz", "series.seg.dcm"]
+    mask = np.asarray(nib.load(written[0]).dataobj)
+    assert len(np.unique(mask)) == 3  # both classes present: each segment is checked
+    seg = hd.seg.segread(written[1])
+    assert [s.segment_label for s in seg.SegmentSequence] == ["organ", "tumour"]
+    slices = sorted((pydicom.dcmread(p) for p in series.glob("*.dcm")), key=lambda ds: int(ds.InstanceNumber))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == slices[0].SeriesInstanceUID
+    frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in slices], combine_segments=True)
+    np.testing.assert_array_equal(frames.transpose(2, 1, 0), mask)
+
+
+def test_dicom_seg_of_a_nifti_input_is_refused_before_predicting(run_dir, tmp_path):
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), tmp_path / "in" / "a.nii.gz")
+    with pytest.raises(ValueError, match=r"output_format=dicom_seg: .*a.nii.gz is not a DICOM series"):
+        _predict(run_dir, tmp_path / "in", tmp_path / "out", "output_format=dicom_seg")
+    assert not (tmp_path / "out").exists()
