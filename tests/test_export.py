@@ -29,7 +29,7 @@ from medseg.models.inference import sliding_window_probs
 from medseg.predict import predict
 from medseg.train import train
 
-from .conftest import compose_cfg
+from .conftest import compose_cfg, shared_dataset
 from .helpers import TINY, TINY_UNET, output
 
 # The bundle specification's required metadata keys (docs.monai.io, "MONAI Bundle Specification").
@@ -130,8 +130,8 @@ def _export(run_dir: Path, bundle: Path, channels: int, fmt: str = "bundle") -> 
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert REQUIRED_META <= set(meta), REQUIRED_META - set(meta)
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == channels
-    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "organ",
-                                                                             "2": "tumour"}  # fmt: skip
+    names = load_trained(run_dir).label_names
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {str(i): n for i, n in enumerate(names)}
     return bundle
 
 
@@ -145,13 +145,14 @@ def _assert_same_masks(run_dir: Path, inputs: Path, bundle_out: Path, tmp: Path)
     """The bundle's masks against `medseg.predict dtype=fp32`'s: per-case Dice >= 0.999 (they are identical)."""
     cfg = [f"ckpt_path={run_dir}", f"input={inputs}", f"output={tmp / 'medseg_out'}", "device=cpu", "dtype=fp32"]
     predict(compose_cfg([*cfg, "progress=false", "num_workers=0"], tmp / "medseg_out", "predict"))
+    labels = len(load_trained(run_dir).label_names)
     for image in sorted(inputs.iterdir()):
         want, got = nib.load(tmp / "medseg_out" / image.name), nib.load(bundle_out / image.name)
         want_mask, got_mask = np.asarray(want.dataobj), np.asarray(got.dataobj)
         assert got_mask.dtype == np.uint8 and got_mask.shape == nib.load(image).shape[:3]
         np.testing.assert_allclose(got.affine, want.affine, atol=1e-5)
         assert len(np.unique(want_mask)) > 1  # not two empty masks agreeing by chance
-        assert _dice(got_mask, want_mask, 3) >= 0.999, image.name
+        assert _dice(got_mask, want_mask, labels) >= 0.999, image.name
         assert (got_mask != want_mask).mean() < 1e-3, image.name
 
 
@@ -201,6 +202,38 @@ def test_onnx_logits_within_tolerance_of_pytorch(tmp_path):
         want = net(x).numpy()
     got = run_onnx(path, x)
     assert got.shape == want.shape and np.abs(got - want).max() <= ONNX_ATOL == 1e-4
+
+
+def _real_subset(name: str, root: Path, cases: int = 8) -> Path:
+    """The first `cases` training cases of a real MSD dataset (linked, not copied)."""
+    source = shared_dataset(name)
+    meta = json.loads((source / "dataset.json").read_text())
+    meta["training"], meta["numTraining"] = meta["training"][:cases], cases
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+        for case in meta["training"]:
+            path = source / folder / Path(case["image"]).name
+            (root / folder / path.name).symlink_to(path)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Task04_Hippocampus", "BraTS2018_WT_2mm"])
+def test_bundle_of_a_real_run_predicts_like_medseg_where_medseg_is_not_installed(name, python_without_medseg, tmp_path):
+    """Real data: hippocampus (1 channel, 3 classes) and BraTS at 2 mm (FLAIR + T1, whole tumour)."""
+    dataset = _real_subset(name, tmp_path / "data")
+    run_dir = _train(dataset, tmp_path / "run")
+    channels = len(json.loads((dataset / "dataset.json").read_text())["modality"])
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in sorted((dataset / "imagesTr").iterdir())[-2:]:
+        (inputs / path.name).symlink_to(path)
+    bundle = _export(run_dir, tmp_path / "bundle", channels)
+    args = [x for k, v in _bundle_args(bundle, inputs, tmp_path / "bundle_out").items() for x in (f"--{k}", v)]
+    result = _run([python_without_medseg, "-m", "monai.bundle", "run", *args], cwd=tmp_path)
+    assert result.returncode == 0, output(result)
+    _assert_same_masks(run_dir, inputs, tmp_path / "bundle_out", tmp_path)
 
 
 @pytest.mark.parametrize("modality", ["MRI", "CT"])
