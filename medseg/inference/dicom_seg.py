@@ -4,7 +4,6 @@ referencing the source series, frame k on source slice k, so viewers (OHIF, 3D S
 from importlib.metadata import version
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
@@ -22,6 +21,8 @@ def stacked_sources(series: Path) -> list[pydicom.Dataset]:
 def write_seg(mask: np.ndarray, series: Path, label_names: list[str], path: Path) -> Path:
     """`mask` (X, Y, Z) uint8 class indices on the series' own grid (voxel (i, j, k): column i, row j of the k-th
     slice stacked, as `medseg.predict` writes it for a series) as a DICOM SEG file at `path`, atomically."""
+    import highdicom as hd  # the `dicom` extra; only DICOM SEG output needs it
+
     sources = stacked_sources(series)
     medseg_version = version("medseg")
     frames = np.ascontiguousarray(mask.transpose(2, 1, 0))  # (slices, rows, columns), frame k on sources[k]
