@@ -39,9 +39,10 @@ REQUIRED_META = {
 }  # fmt: skip
 
 
-def _train(dataset: Path, tmp: Path) -> Path:
+def _train(dataset: Path, tmp: Path, *extra: str) -> Path:
     """A real tiny +precision=mixed run, tested mirrored over two axes (its test pass decides keep-largest)."""
-    overrides = [*TINY, *TINY_UNET, f"data.root={dataset}", "++data.synthesize=null", f"data.cache_dir={tmp / 'c'}"]
+    overrides = [*extra, *TINY, *TINY_UNET, f"data.root={dataset}", "++data.synthesize=null"]
+    overrides.append(f"data.cache_dir={tmp / 'c'}")
     train(compose_cfg([*overrides, "trainer.max_epochs=1", "+precision=mixed", "model.test_mirror_axes=[0,1]"], tmp))
     return tmp
 
@@ -223,7 +224,7 @@ def _real_subset(name: str, root: Path, cases: int = 8) -> Path:
 def test_bundle_of_a_real_run_predicts_like_medseg_where_medseg_is_not_installed(name, python_without_medseg, tmp_path):
     """Real data: hippocampus (1 channel, 3 classes) and BraTS at 2 mm (FLAIR + T1, whole tumour)."""
     dataset = _real_subset(name, tmp_path / "data")
-    run_dir = _train(dataset, tmp_path / "run")
+    run_dir = _train(dataset, tmp_path / "run", "data=msd")  # the dataset's median spacing
     channels = len(json.loads((dataset / "dataset.json").read_text())["modality"])
     inputs = tmp_path / "in"
     inputs.mkdir()
