@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,sweep,transformers,peers,dashboard]"
+	$(PY) -m pip install -q -e ".[dev,sweep,transformers,peers,dashboard,export,dicom]"
 	touch $@
 
 train: install

@@ -30,8 +30,17 @@ LAYERS: list[list[str]] = [
     ["medseg.precision"],
     ["medseg.models"],
     ["medseg.inference", "medseg.planning"],
+    ["medseg.deploy"],  # a model leaving medseg: built from checkpoints and inference/
     ["medseg.tracking"],
-    ["medseg.train", "medseg.predict", "medseg.evaluate", "medseg.report", "medseg.plan", "medseg.dashboard"],
+    [
+        "medseg.train",
+        "medseg.predict",
+        "medseg.evaluate",
+        "medseg.report",
+        "medseg.plan",
+        "medseg.dashboard",
+        "medseg.export",
+    ],
 ]
 LEAVES = LAYERS[0]
 ENTRY_POINTS = LAYERS[-1]

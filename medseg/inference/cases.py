@@ -5,7 +5,7 @@ A case that cannot be read or does not fit the checkpoint comes back as an error
 exception: the other cases of the folder are still predicted.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from medseg.inference.dicom import check_series
 from medseg.reliability.atomic_io import write_atomic
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 @dataclass
@@ -54,7 +57,8 @@ class CaseDataset(Dataset):
 
     def __getitem__(self, index: int) -> Case:
         path = self.paths[index]
-        if (error := check_header(path, self.in_channels)) is not None:
+        check = check_series if path.is_dir() else check_header  # a folder: a DICOM series
+        if (error := check(path, self.in_channels)) is not None:
             return Case(path, error=error)
         try:
             return Case(path, data=self.preprocess({"image": str(path)}))
@@ -85,3 +89,35 @@ def save_probs(path: Path, probs: torch.Tensor) -> Path:
             np.savez_compressed(f, probs=probs.to(torch.float16).numpy())
 
     return write_atomic(path, write)
+
+
+def probs_name(mask_name: str) -> str:
+    for suffix in NIFTI_SUFFIXES[::-1]:  # .nii.gz before .nii
+        mask_name = mask_name.removesuffix(suffix)
+    return mask_name + ".npz"
+
+
+def mask_name(input_path: Path) -> str:
+    """A NIfTI input's own name; `<folder>.nii.gz` for a DICOM series folder."""
+    return input_path.name if input_path.name.endswith(NIFTI_SUFFIXES) else f"{input_path.name}.nii.gz"
+
+
+OUTPUT_FORMATS = {"nifti": ("nifti",), "dicom_seg": ("dicom_seg",), "both": ("nifti", "dicom_seg")}
+
+
+def output_formats(choice: str, inputs: list[Path]) -> tuple[str, ...]:
+    """The formats `output_format` names; a one-line ValueError for an unknown one, or DICOM SEG of a NIfTI input
+    (a SEG references the DICOM series it segments)."""
+    if choice not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {choice!r}")
+    formats = OUTPUT_FORMATS[choice]
+    if "dicom_seg" in formats and (nifti := next((p for p in inputs if not p.is_dir()), None)) is not None:
+        raise ValueError(f"output_format={choice}: {nifti} is not a DICOM series (a SEG references its series)")
+    return formats
+
+
+def output_names(input_path: Path, formats: Sequence[str], with_probs: bool) -> list[str]:
+    """The files predicting `input_path` writes: the NIfTI mask, `<series>.seg.dcm`, `<mask>.npz`."""
+    names = [mask_name(input_path)] if "nifti" in formats else []
+    names += [f"{input_path.name}.seg.dcm"] if "dicom_seg" in formats else []
+    return names + ([probs_name(mask_name(input_path))] if with_probs else [])

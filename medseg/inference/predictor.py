@@ -78,6 +78,7 @@ class Predictor:
         except ValueError as err:
             raise ValueError(f"mirror_axes: {err}") from None
         self.in_channels = int(info["net"]["in_channels"])
+        self.label_names = list(info["label_names"])
         self.num_classes = len(info["label_names"])
         self.rois = [i["patch_size"] for i in infos]
         self.sw_batch_size, self.overlap = sw_batch_size, overlap
