@@ -179,7 +179,7 @@ def demo(steps: int, qk_gain: float, size: int) -> None:
         rows.append({
             "mode": mode, "val Dice": f"{dice(net, val):.4f}", "status": status if not nan else "NaN weights",
             "skipped": plugin.scaler.skipped_steps if is_plugin else "-",
-            "FP32 modules": ", ".join(plugin.plan.fp32_modules) or "-" if is_plugin else "-",
+            "FP32 modules": ", ".join(plugin.precision_plan.fp32_modules) or "-" if is_plugin else "-",
             "params low %": f"{100 * low / sum(p.numel() for p in params):.1f}",
             "steps": steps_done, "wall s": f"{time.perf_counter() - started:.0f}",
         })  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from medseg.checkpoint import best_checkpoint
-from medseg.precision.plan import PLAN_FILE, load_plan
+from medseg.precision.precision_plan import PLAN_FILE, load_plan
 from medseg.tracking.plots import plot_loss_scale, plot_performance, plot_precision, plot_training
 from medseg.tracking.runs import RunLog, find_runs, load_run, summary_table
 

@@ -3,6 +3,7 @@ named and kept in FP32, promotion leaves masters and optimizer state exact, the 
 files, and bad plans fail in one line."""
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from medseg.precision import DynamicLossScaler, MasterWeightPrecision
 from medseg.precision.advisor import PrecisionAdvisor
-from medseg.precision.plan import PLAN_FILE, PlanError, load_plan
+from medseg.precision.precision_plan import PLAN_FILE, PrecisionPlanError, load_plan
 from medseg.report import plan_section
 from medseg.tracking.runs import RunLog
 from medseg.tracking.summary import plan_table
@@ -81,20 +82,20 @@ def test_culprit_is_named_and_kept_in_fp32(tmp_path: Path, caplog: pytest.LogCap
     # every overflow named the layer that made the inf (not the norm after it, which turned it into NaN)
     named = [r.getMessage() for r in caplog.records if "overflowed" in r.getMessage()]
     assert len(named) == 2 and all("forward output in hot" in line for line in named), named
-    (decision,) = prec.plan.decisions
+    (decision,) = prec.precision_plan.decisions
     assert (decision.layer, decision.step, decision.where, decision.overflows) == ("hot", 1, "forward output", 2)
     assert any("hot -> FP32" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     # then it trains: no more skipped steps, hot in FP32, the rest still FP16
     assert prec.scaler.skipped_steps == 2 and prec.last_step["overflow"] == 0
     assert model.hot.gain.dtype == torch.float32 and model.conv.weight.dtype == torch.float16
     assert torch.equal(model.hot.gain, prec.master_params[2])  # the weight is its master, exactly
-    assert load_plan(tmp_path / PLAN_FILE) == prec.plan  # written where the run lives
+    assert load_plan(tmp_path / PLAN_FILE) == prec.precision_plan  # written where the run lives
     # and shown: medseg.report's plan section, the W&B table
     run = RunLog(path=tmp_path, config={}, series={}, source="csv")
     assert "  - step 1: hot -> FP32 (2 overflows started in it within 10 steps, first non-finite value in its" in (
         plan_section([run])
     )
-    assert plan_table(prec.plan).data == [
+    assert plan_table(prec.precision_plan).data == [
         ["hot", "advisor", 1, "forward output", 2, 10, 128.0, None]
     ]  # after one halving
 
@@ -123,25 +124,31 @@ def test_promotion_keeps_masters_and_optimizer_state_exact(tmp_path: Path) -> No
     assert torch.equal(model.conv.weight, prec.master_params[0]) and model.fc.weight.dtype == torch.float16
 
 
-def test_plan_resumes_bit_identically_and_starts_a_new_run(tmp_path: Path) -> None:
+def test_plan_resumes_bit_identically_and_starts_a_new_run(tmp_path: Path, caplog) -> None:
     steps = 8  # promotion at step 1, checkpoint at step 4
     model, prec = HotNet(), plugin()
-    straight = _state(fit(model, prec, steps, tmp_path / "straight"), prec, model) | {"plan": prec.plan.to_dict()}
+    straight = _state(fit(model, prec, steps, tmp_path / "straight"), prec, model) | {
+        "plan": prec.precision_plan.to_dict()
+    }
 
     model, prec = HotNet(), plugin()
     saver = ModelCheckpoint(dirpath=tmp_path, filename="half", every_n_train_steps=steps // 2)
     fit(model, prec, steps // 2, tmp_path / "half", barebones=False, callbacks=[saver], **QUIET)
     model, prec = HotNet(), plugin()
     resumed_trainer = fit(model, prec, steps, tmp_path / "resumed", ckpt_path=tmp_path / "half.ckpt")
-    resumed = _state(resumed_trainer, prec, model) | {"plan": prec.plan.to_dict()}
+    resumed = _state(resumed_trainer, prec, model) | {"plan": prec.precision_plan.to_dict()}
     assert straight["plan"]["fp32_modules"] == ["hot"] and straight["scaler"]["overflows"] == 2
     _assert_identical(straight, resumed)
 
     # a new run started from the plan file: hot is FP32 from the first step, nothing overflows
-    model, prec = HotNet(), plugin(plan=str(tmp_path / "straight" / PLAN_FILE))
+    model, prec = HotNet(), plugin(precision_plan=str(tmp_path / "straight" / PLAN_FILE))
     fit(model, prec, 4, tmp_path / "from_plan")
     assert model.hot.gain.dtype == torch.float32 and prec.scaler.skipped_steps == 0
-    assert prec.plan.fp32_modules == ["hot"] and prec.plan.decisions == []
+    assert prec.precision_plan.fp32_modules == ["hot"] and prec.precision_plan.decisions == []
+    # the option's old name (`precision.plugin.plan`) still works for one release, with a deprecation warning
+    with caplog.at_level(logging.WARNING):
+        old = plugin(plan=str(tmp_path / "straight" / PLAN_FILE))
+    assert old.precision_plan.fp32_modules == ["hot"] and "precision.plugin.plan is deprecated" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -158,13 +165,13 @@ def test_bad_plan_files_fail_in_one_line(tmp_path: Path, text: str | None, messa
     path = tmp_path / PLAN_FILE
     if text is not None:
         path.write_text(text)
-    with pytest.raises(PlanError, match=r"^precision plan .*precision_plan.yaml: ") as err:
-        plugin(plan=str(path))
+    with pytest.raises(PrecisionPlanError, match=r"^precision plan .*precision_plan.yaml: ") as err:
+        plugin(precision_plan=str(path))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_patterns_that_match_nothing_fail_naming_them(tmp_path: Path) -> None:
-    with pytest.raises(PlanError) as err:
+    with pytest.raises(PrecisionPlanError) as err:
         fit(HotNet(), plugin(fp32_modules=["hot", "net.blocks.*.attn", "SABlock"]), 1, tmp_path)
     line = str(err.value)
     assert "\n" not in line and "['net.blocks.*.attn', 'SABlock']" in line and "precision.plugin.fp32_modules" in line
@@ -180,7 +187,7 @@ def test_bfloat16_never_promotes_where_only_fp16_overflows(tmp_path: Path) -> No
     model = HotNet()
     prec = MasterWeightPrecision("bfloat16", advisor=PrecisionAdvisor(overflows=1))
     fit(model, prec, 3, tmp_path)
-    assert prec.scaler.skipped_steps == 0 and prec.plan.decisions == []
+    assert prec.scaler.skipped_steps == 0 and prec.precision_plan.decisions == []
     assert model.hot.gain.dtype == torch.bfloat16
 
 
@@ -257,5 +264,7 @@ def test_overflow_not_reproduced_names_the_steps_nonfinite_gradients(
         "precision advisor: step 0 overflowed (scale 256), not reproduced when re-run; "
         "non-finite gradients in the step itself in 1 module(s), the last: hot"
     ]
-    assert prec.scaler.skipped_steps == 1 and prec.plan.decisions == []  # named, not promoted: nothing to count
+    assert (
+        prec.scaler.skipped_steps == 1 and prec.precision_plan.decisions == []
+    )  # named, not promoted: nothing to count
     assert all(torch.isfinite(p).all() for p in model.parameters())

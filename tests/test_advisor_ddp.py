@@ -90,7 +90,7 @@ def run(out_dir: Path, kind: str) -> None:
     result = {
         "masters": [m.detach() for m in plugin.master_params],
         "weights": [p.detach() for p in model.parameters()],
-        "plan": plugin.plan.to_dict(),
+        "plan": plugin.precision_plan.to_dict(),
         "skipped": plugin.scaler.skipped_steps,
         "overflow": plugin.last_step["overflow"],
     }

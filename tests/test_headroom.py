@@ -16,7 +16,7 @@ from medseg.precision import MasterWeightPrecision
 from medseg.precision.advisor import PrecisionAdvisor
 from medseg.precision.headroom import HeadroomRule
 from medseg.precision.monitor import PrecisionMonitor
-from medseg.precision.plan import PLAN_FILE, load_plan
+from medseg.precision.precision_plan import PLAN_FILE, load_plan
 from medseg.tracking.summary import plan_table
 
 from .test_advisor import fit, plugin
@@ -71,7 +71,7 @@ def test_layer_close_to_fp16_max_is_promoted_not_its_neighbour(
 
     # no overflow at all: this is the headroom rule, on the third sampled step in a row below 2 bits
     assert prec.scaler.skipped_steps == 0
-    (decision,) = prec.plan.decisions
+    (decision,) = prec.precision_plan.decisions
     assert (decision.layer, decision.step, decision.where, decision.window) == ("loud", 2, "forward output", 3)
     assert 0.0 < decision.headroom_bits < 2.0 and decision.min_bits == 2.0
     assert model.loud.weight.dtype == torch.float32
@@ -79,8 +79,8 @@ def test_layer_close_to_fp16_max_is_promoted_not_its_neighbour(
     (line,) = [r.getMessage() for r in caplog.records if "-> FP32" in r.getMessage()]
     assert line.startswith("precision advisor: step 2: loud -> FP32 (FP16 headroom of its forward output below 2")
     assert "on 3 sampled steps in a row" in line
-    assert load_plan(tmp_path / PLAN_FILE) == prec.plan
-    assert plan_table(prec.plan).data == [
+    assert load_plan(tmp_path / PLAN_FILE) == prec.precision_plan
+    assert plan_table(prec.precision_plan).data == [
         ["loud", "advisor", 2, "forward output", 0, 3, 512.0, decision.headroom_bits]  # scale grew twice
     ]
     assert prec.state_dict()["plan"]["decisions"][0]["headroom_bits"] == decision.headroom_bits
@@ -92,7 +92,7 @@ def test_nothing_is_promoted_with_the_rule_off_or_in_bfloat16(tmp_path: Path, dt
     # BF16: the rule on, firing on the first sample below 2 bits; FP16: the rule off
     prec = headroom_plugin(dtype, HeadroomRule(bits=2.0, samples=1) if dtype == "bfloat16" else None)
     monitored_fit(model, prec, 3, tmp_path)
-    assert prec.plan.decisions == [] and prec.scaler.skipped_steps == 0
+    assert prec.precision_plan.decisions == [] and prec.scaler.skipped_steps == 0
     assert model.loud.weight.dtype == (torch.float16 if dtype == "float16" else torch.bfloat16)
 
 
@@ -101,7 +101,7 @@ def test_headroom_counts_resume_bit_identically(tmp_path: Path) -> None:
     in the same state, as one that was not stopped."""
     model, prec = LoudNet(), headroom_plugin(rule=HeadroomRule(bits=2.0, samples=5))
     straight = _state(monitored_fit(model, prec, 6, tmp_path / "straight"), prec, model)
-    straight_plan = prec.plan
+    straight_plan = prec.precision_plan
 
     saver = ModelCheckpoint(dirpath=tmp_path, filename="half", every_n_train_steps=4)
     prec = headroom_plugin(rule=HeadroomRule(bits=2.0, samples=5))
@@ -111,7 +111,7 @@ def test_headroom_counts_resume_bit_identically(tmp_path: Path) -> None:
     model, prec = LoudNet(), headroom_plugin(rule=HeadroomRule(bits=2.0, samples=5))
     resumed = _state(monitored_fit(model, prec, 6, tmp_path / "resumed", ckpt_path=tmp_path / "half.ckpt"), prec, model)
 
-    assert [d.step for d in straight_plan.decisions] == [4] and prec.plan == straight_plan
+    assert [d.step for d in straight_plan.decisions] == [4] and prec.precision_plan == straight_plan
     _assert_identical(straight, resumed)
 
 

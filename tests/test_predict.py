@@ -395,7 +395,7 @@ def _dtypes(net: torch.nn.Module, kept: str) -> tuple[set, set]:
 
 
 def test_low_precision_prediction_keeps_the_checkpoint_plans_fp32_modules(planned_checkpoint, tmp_path):
-    from medseg.precision.plan import saved_fp32_modules
+    from medseg.precision.precision_plan import saved_fp32_modules
 
     ckpt = torch.load(planned_checkpoint, map_location="cpu", weights_only=True)
     assert saved_fp32_modules(ckpt) == ["net.model.0"]

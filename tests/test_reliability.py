@@ -122,7 +122,7 @@ def test_full_disk_fails_before_training(tmp_path):
             r" than one voxel at the bottleneck, e.g. \[64, 32, 32\]",
         ),
         ("model=unetr data.patch_size=[40,32,32]", r"UNETR: sizes must be multiples of 16, e.g. \[48, 32, 32\]"),
-        ("+precision=mixed precision.plugin.plan=/no/x.yaml", "precision plan /no/x.yaml: cannot read"),
+        ("+precision=mixed precision.plugin.precision_plan=/no/x.yaml", "precision plan /no/x.yaml: cannot read"),
     ],
 )
 def test_bad_settings_fail_naming_the_key(override, message, tiny_cfg):

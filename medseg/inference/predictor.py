@@ -20,7 +20,7 @@ from medseg.inference.precision import stitch_device
 from medseg.models.inference import mirror_flips, probs_to_labels, sliding_window_probs
 from medseg.precision.convert import convert_net
 from medseg.precision.dtypes import inference_dtype
-from medseg.precision.plan import PlanError, saved_fp32_modules
+from medseg.precision.precision_plan import PrecisionPlanError, saved_fp32_modules
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Predictor:
             net.load_state_dict(fp32_net_state(ckpt))  # the FP32 masters of a mixed run, then rounded once
             try:  # the modules its run kept in FP32 (configured, or promoted by the advisor) stay FP32
                 self.nets.append(convert_net(net.to(self.device).eval(), self.dtype, saved_fp32_modules(ckpt)))
-            except PlanError as err:
+            except PrecisionPlanError as err:
                 raise CheckpointError(f"{path}: {err}") from None
             # None: mirror as the model was tested after training
             axes = ckpt["hyper_parameters"].get("test_mirror_axes", ()) if mirror_axes is None else mirror_axes

@@ -17,7 +17,7 @@ from medseg.models.inference import mirror_flips, sliding_window_probs
 from medseg.models.loss import deep_supervision_loss
 from medseg.precision.convert import convert_net
 from medseg.precision.dtypes import inference_dtype
-from medseg.precision.plan import saved_fp32_modules
+from medseg.precision.precision_plan import saved_fp32_modules
 from medseg.precision.view import master_weights
 
 
@@ -162,7 +162,7 @@ class SegmentationModule(pl.LightningModule):
             # test_dtype=fp32 does not bring back its FP32 masters; medseg.predict loads those). The modules kept in
             # FP32 by the tested checkpoint's plan, and by the running plugin's (test right after fit), stay FP32.
             plugin = master_weights(self.trainer)
-            running = plugin.plan.fp32_modules if plugin is not None else []
+            running = plugin.precision_plan.fp32_modules if plugin is not None else []
             self.test_torch_dtype = inference_dtype(self.hparams.test_dtype, self.device)
             convert_net(self.net, self.test_torch_dtype, [*dict.fromkeys([*self.saved_fp32_modules, *running])])
 

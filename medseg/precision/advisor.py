@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from medseg.precision.dtypes import lost_update_counts
 from medseg.precision.headroom import HeadroomRule
-from medseg.precision.plan import Decision
+from medseg.precision.precision_plan import Decision
 
 _PHASES = ("forward output", "backward input-gradient", "weight gradient")
 

@@ -11,7 +11,7 @@ from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 
 from medseg.precision.attention import attention_in_fp32
-from medseg.precision.plan import match_modules
+from medseg.precision.precision_plan import match_modules
 
 # Normalisation layers keep FP32 weights (and running statistics): their means and variances over many voxels
 # must not be rounded to FP16/BF16. _NormBase covers BatchNorm*, SyncBatchNorm and InstanceNorm*, which are also
@@ -122,7 +122,7 @@ def to_float32(module: nn.Module) -> nn.Module:
 
 def net_fp32_modules(net: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Names in `net` of the modules a plan's `patterns` name in the LightningModule, where the net is `net`
-    (`SegmentationModule.net`); a `PlanError` naming the patterns that match none of them."""
+    (`SegmentationModule.net`); a `PrecisionPlanError` naming the patterns that match none of them."""
     if not patterns:
         return []
     holder = nn.Module()
@@ -134,7 +134,7 @@ def net_fp32_modules(net: nn.Module, patterns: Sequence[str]) -> list[str]:
 def convert_net(net: nn.Module, dtype: torch.dtype, fp32_modules: Sequence[str] = ()) -> nn.Module:
     """`net` in `dtype`, in place, for prediction and the test pass: FP32 as a whole; BF16/FP16 as the training
     plugin converts it (`to_low_precision`), the modules named by `fp32_modules` (a precision plan's patterns, names
-    as in the LightningModule: `medseg.precision.plan.saved_fp32_modules`) kept in FP32."""
+    as in the LightningModule: `medseg.precision.precision_plan.saved_fp32_modules`) kept in FP32."""
     if dtype == torch.float32:
         return to_float32(net)
     return to_low_precision(net, dtype, fp32_modules=net_fp32_modules(net, fp32_modules))

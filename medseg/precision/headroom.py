@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from medseg.precision.dtypes import headroom_bits
-from medseg.precision.plan import Decision
+from medseg.precision.precision_plan import Decision
 
 
 def reduce_max(values: list[float]) -> list[float]:

@@ -37,16 +37,15 @@ from medseg.precision.masters import (
     release_grads,
     skips_on_device,
 )
-from medseg.precision.plan import PrecisionPlan, load_plan
 from medseg.precision.plugin_state import CheckpointState
+from medseg.precision.precision_plan import PrecisionPlan, load_plan, plan_file
 from medseg.precision.scaler import DynamicLossScaler
 
 log = logging.getLogger(__name__)
 
 
 def _lightning_module(model: nn.Module) -> "pl.LightningModule | None":
-    # under DDP `connect` gets the DistributedDataParallel wrapper
-    return next((m for m in model.modules() if isinstance(m, pl.LightningModule)), None)
+    return next((m for m in model.modules() if isinstance(m, pl.LightningModule)), None)  # DDP: inside the wrapper
 
 
 class MasterWeightPrecision(CheckpointState, Precision):
@@ -79,7 +78,8 @@ class MasterWeightPrecision(CheckpointState, Precision):
         fp32_modules: module-name globs (``net.vit.blocks.*.attn``, names as in the LightningModule) or class
             names (``SABlock``) kept wholly in FP32: FP32 weights (their own masters) and an FP32 forward, with
             inputs cast to FP32 and outputs back to the low dtype. A pattern matching no module is an error.
-        plan: a ``precision_plan.yaml`` (written by an earlier run) whose ``fp32_modules`` are added to these.
+        precision_plan: a ``precision_plan.yaml`` (written by an earlier run) whose ``fp32_modules`` are added to
+            these. ``plan``: its old name, accepted with a deprecation warning for one release.
         advisor: finds the module where an overflow started and keeps it in FP32 once it has caused enough
             of them (``medseg.precision.advisor``); the plan, with its decisions, is saved in checkpoints and as
             ``precision_plan.yaml`` in ``trainer.default_root_dir``.
@@ -98,25 +98,25 @@ class MasterWeightPrecision(CheckpointState, Precision):
         scale_bfloat16: bool = False,
         norms_in_float32: bool = False,
         fp32_modules: Sequence[str] = (),
-        plan: str | None = None,
+        precision_plan: str | None = None,
         advisor: PrecisionAdvisor | None = None,
         fp32_attention: bool = True,
+        plan: str | None = None,
     ) -> None:
         if dtype != "auto" and dtype not in ("float16", "bfloat16"):
             raise ValueError(f"dtype must be 'auto', 'float16' or 'bfloat16', got {dtype!r}")
         if max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
-        self.dtype_name = dtype
-        self.scaler = scaler
-        self.max_consecutive_skips = max_consecutive_skips
-        self.track_grad_norm = track_grad_norm
-        self.scale_bfloat16 = scale_bfloat16
-        self.norms_in_float32 = norms_in_float32
-        self.plan = PrecisionPlan(fp32_modules=list(fp32_modules))
-        if plan is not None:
-            self.plan.fp32_modules += load_plan(plan).fp32_modules
-        self.advisor = advisor
-        self.fp32_attention = fp32_attention
+        self.dtype_name, self.scaler, self.max_consecutive_skips = dtype, scaler, max_consecutive_skips
+        self.track_grad_norm, self.scale_bfloat16, self.norms_in_float32 = (
+            track_grad_norm,
+            scale_bfloat16,
+            norms_in_float32,
+        )
+        self.precision_plan = PrecisionPlan(fp32_modules=list(fp32_modules))
+        if (path := plan_file(precision_plan, plan)) is not None:
+            self.precision_plan.fp32_modules += load_plan(path).fp32_modules
+        self.advisor, self.fp32_attention = advisor, fp32_attention
         self._plan_dir: Path | None = None  # where precision_plan.yaml goes: the trainer's default_root_dir
         self._module: pl.LightningModule | None = None  # set in connect(): promotions apply to it
         self.last_step: dict[str, Any] = {}
@@ -207,7 +207,7 @@ class MasterWeightPrecision(CheckpointState, Precision):
             self.load_state_dict(state)
         if lightning_module is not None and lightning_module._trainer is not None:
             self._plan_dir = Path(lightning_module.trainer.default_root_dir)
-            if self.plan.fp32_modules:  # an empty plan is not written: runs without a run dir stay clean
+            if self.precision_plan.fp32_modules:  # an empty plan is not written: runs without a run dir stay clean
                 self._save_plan()
         return model, optimizers, lr_schedulers
 

@@ -34,7 +34,7 @@ class CheckpointState(Promotion):
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "masters": [[m.detach() for m in entry.master_params] for _, entry in self._masters],
             "names": [list(entry.names) for _, entry in self._masters],
-            "plan": self.plan.to_dict(),
+            "plan": self.precision_plan.to_dict(),
         }
         if self.advisor is not None:
             state["advisor"] = self.advisor.state_dict()

@@ -1,4 +1,4 @@
-"""Promotion: the part of ``MasterWeightPrecision`` that applies the precision plan (``medseg.precision.plan``).
+"""Promotion: the part of ``MasterWeightPrecision`` that applies the precision plan (``precision.precision_plan``).
 It checks the plan's modules against the net, keeps more modules in FP32 while training runs, on the precision
 advisor's decisions (``medseg.precision.advisor``: overflows; ``medseg.precision.headroom``: FP16 headroom), and
 records them in the plan, saved beside the run and in its checkpoints.
@@ -22,7 +22,14 @@ from torch.optim import Optimizer
 from medseg.precision.advisor import PrecisionAdvisor, locate, overflow_line
 from medseg.precision.convert import LOSS_TYPES, keep_fp32
 from medseg.precision.masters import Masters, copy_to_model
-from medseg.precision.plan import PLAN_FILE, Decision, PlanError, PrecisionPlan, match_modules, save_plan
+from medseg.precision.precision_plan import (
+    PLAN_FILE,
+    Decision,
+    PrecisionPlan,
+    PrecisionPlanError,
+    match_modules,
+    save_plan,
+)
 from medseg.precision.scaler import DynamicLossScaler
 
 log = logging.getLogger("medseg.precision.plugin")  # the plugin's messages, under the plugin's logger
@@ -31,7 +38,7 @@ log = logging.getLogger("medseg.precision.plugin")  # the plugin's messages, und
 class Promotion:
     """Applies the advisor's decisions to the running model: promote, record in the plan, save the plan."""
 
-    plan: PrecisionPlan
+    precision_plan: PrecisionPlan
     advisor: PrecisionAdvisor | None
     scaler: DynamicLossScaler | None
     dtype_name: str
@@ -41,17 +48,19 @@ class Promotion:
     _plan_dir: Path | None
 
     def check_plan(self, module: nn.Module) -> list[str]:
-        """The names of ``module``'s submodules the plan keeps in FP32; a ``PlanError`` naming the patterns that
-        match none of them, or a loss."""
-        names = match_modules(module, self.plan.fp32_modules, "precision.plugin.fp32_modules")
+        """The names of ``module``'s submodules the plan keeps in FP32; a ``PrecisionPlanError`` naming the patterns
+        that match none of them, or a loss."""
+        names = match_modules(module, self.precision_plan.fp32_modules, "precision.plugin.fp32_modules")
         if any(isinstance(module.get_submodule(n), LOSS_TYPES) for n in names):
-            raise PlanError(f"precision.plugin.fp32_modules: {names} include a loss; losses compute in FP32 anyway")
+            raise PrecisionPlanError(
+                f"precision.plugin.fp32_modules: {names} include a loss; losses compute in FP32 anyway"
+            )
         return names
 
     @rank_zero_only
     def _save_plan(self) -> None:
         if self._plan_dir is not None:
-            save_plan(self.plan, self._plan_dir / PLAN_FILE)
+            save_plan(self.precision_plan, self._plan_dir / PLAN_FILE)
 
     def promote(self, module: "pl.LightningModule", names: Sequence[str]) -> None:
         """Keep the named modules of ``module`` in FP32 from now on (``keep_fp32``), their weights set to their FP32
@@ -101,14 +110,14 @@ class Promotion:
 
     def _decide(self, model: "pl.LightningModule", decision: Decision) -> None:
         """Apply one of the advisor's decisions: promote the module, record it in the plan, say so, save the plan."""
-        if decision.layer in self.plan.fp32_modules:
+        if decision.layer in self.precision_plan.fp32_modules:
             return
         if isinstance(model.get_submodule(decision.layer), LOSS_TYPES):
             rank_zero_only(log.warning)(f"precision advisor: {decision.line()}: a loss, already FP32; not promoted")
             return
         self.promote(model, [decision.layer])
-        self.plan.fp32_modules.append(decision.layer)
-        self.plan.decisions.append(decision)
+        self.precision_plan.fp32_modules.append(decision.layer)
+        self.precision_plan.decisions.append(decision)
         rank_zero_only(log.warning)(f"precision advisor: {decision.line()}")
         self._save_plan()
 
@@ -116,12 +125,12 @@ class Promotion:
         """Promote again what the saved run promoted (same modules, same pairing of weights and masters, so the
         resumed run is bit-identical to an uninterrupted one) and restore the advisor's counts."""
         saved = PrecisionPlan.from_dict(state_dict.get("plan") or {}, source="checkpoint precision plan")
-        new: list[Decision] = [d for d in saved.decisions if d.layer not in self.plan.fp32_modules]
+        new: list[Decision] = [d for d in saved.decisions if d.layer not in self.precision_plan.fp32_modules]
         if new:
             assert self._module is not None, "connect() saw no LightningModule"
             self.promote(self._module, [d.layer for d in new])
-            self.plan.fp32_modules += [d.layer for d in new]
-            self.plan.decisions += new
+            self.precision_plan.fp32_modules += [d.layer for d in new]
+            self.precision_plan.decisions += new
         if self.advisor is not None and "advisor" in state_dict:
             self.advisor.load_state_dict(state_dict["advisor"])
 

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 if TYPE_CHECKING:
     from medseg.precision.advisor import PrecisionAdvisor
-    from medseg.precision.plan import PrecisionPlan
+    from medseg.precision.precision_plan import PrecisionPlan
     from medseg.precision.scaler import DynamicLossScaler
 
 
@@ -23,8 +23,8 @@ class MasterWeightView(Protocol):
 
     Attributes:
         dtype: the low dtype the weights are held in; None until ``dtype="auto"`` is resolved (``convert_module``).
-        plan: the precision plan: ``plan.fp32_modules`` (globs or class names kept in FP32, configured and
-            promoted), ``plan.decisions`` (the advisor's promotions).
+        precision_plan: ``precision_plan.fp32_modules`` (globs or class names kept in FP32, configured and
+            promoted), ``precision_plan.decisions`` (the advisor's promotions).
         advisor: the precision advisor, or None; ``advisor.lost_updates``: module -> lost-update share at its
             last sampled step.
         scaler: the loss scaler; ``scaler.scale`` is the scale this step's backward ran with until the step ends.
@@ -33,7 +33,7 @@ class MasterWeightView(Protocol):
     """
 
     dtype: torch.dtype | None
-    plan: "PrecisionPlan"
+    precision_plan: "PrecisionPlan"
     advisor: "PrecisionAdvisor | None"
     scaler: "DynamicLossScaler | None"
     last_step: dict[str, Any]
@@ -54,7 +54,8 @@ class MasterWeightView(Protocol):
         ...
 
     def check_plan(self, module: nn.Module) -> list[str]:
-        """The names of ``module``'s submodules the plan keeps in FP32; a ``PlanError`` for a pattern matching none."""
+        """The names of ``module``'s submodules the plan keeps in FP32; a ``PrecisionPlanError`` for a pattern
+        matching none."""
         ...
 
 

@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 
 from medseg.precision.dtypes import headroom_bits
 from medseg.precision.monitor import PrecisionMonitor
-from medseg.precision.plan import PrecisionPlan
+from medseg.precision.precision_plan import PrecisionPlan
 from medseg.precision.view import master_weights
 from medseg.tracking.loggers import SafeWandbLogger, log_to_wandb, wandb_loggers
 
@@ -36,7 +36,7 @@ class WandbRunSummary(pl.Callback):
             summary["summary/best_val_dice"] = best_dice
         media: dict[str, Any] = {}
         plugin = master_weights(trainer)
-        plan = plugin.plan if plugin is not None else None
+        plan = plugin.precision_plan if plugin is not None else None
         if plan is not None:  # logged even when empty, so the dashboard's plan panel always has its table
             media["precision/plan"] = plan_table(plan)
         if plugin is not None and plan is not None and plugin.advisor is not None and plugin.advisor.lost_updates:

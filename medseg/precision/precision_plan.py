@@ -2,6 +2,7 @@
 FP32, and why (the advisor's decisions). Read from and written to ``precision_plan.yaml``; no Lightning import."""
 
 import fnmatch
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -16,7 +17,7 @@ from medseg.precision.state import saved_state
 PLAN_FILE = "precision_plan.yaml"
 
 
-class PlanError(ConfigError):
+class PrecisionPlanError(ConfigError):
     """A precision plan (a file, or ``fp32_modules``) that cannot be applied; the message names what is wrong."""
 
 
@@ -66,29 +67,39 @@ class PrecisionPlan:
     def from_dict(cls, data: Any, source: str = "plan") -> "PrecisionPlan":
         if not isinstance(data, dict) or set(data) - {"fp32_modules", "decisions"}:
             keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise PlanError(f"{source}: expected a mapping with fp32_modules and decisions, got {keys}")
+            raise PrecisionPlanError(f"{source}: expected a mapping with fp32_modules and decisions, got {keys}")
         modules = data.get("fp32_modules") or []
         if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
-            raise PlanError(f"{source}: fp32_modules must be a list of module-name globs or class names")
+            raise PrecisionPlanError(f"{source}: fp32_modules must be a list of module-name globs or class names")
         names = [f.name for f in fields(Decision)]
         required = {f.name for f in fields(Decision) if f.default is MISSING}  # plans written before the headroom rule
         decisions = []
         for d in data.get("decisions") or []:
             if not isinstance(d, dict) or not required <= set(d) or not set(d) <= set(names):
-                raise PlanError(f"{source}: each decision needs the keys {names}, got {d!r}")
+                raise PrecisionPlanError(f"{source}: each decision needs the keys {names}, got {d!r}")
             decisions.append(Decision(**d))
         return cls(fp32_modules=list(modules), decisions=decisions)
 
 
+def plan_file(precision_plan: str | None, plan: str | None = None) -> str | None:
+    """The precision plan file a run starts from: `precision.plugin.precision_plan`, or its old name
+    `precision.plugin.plan` (a deprecation warning, for one release: the training plan is `plan=`)."""
+    if plan is not None:
+        logging.getLogger(__name__).warning(
+            "precision.plugin.plan is deprecated: use precision.plugin.precision_plan (same file)"
+        )
+    return precision_plan or plan
+
+
 def load_plan(path: str | Path) -> PrecisionPlan:
-    """Read a ``precision_plan.yaml``; a missing or malformed file is a one-line ``PlanError`` naming it."""
+    """Read a ``precision_plan.yaml``; a missing or malformed file is a one-line ``PrecisionPlanError`` naming it."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as err:
-        raise PlanError(f"precision plan {path}: cannot read it ({err.strerror or err})") from None
+        raise PrecisionPlanError(f"precision plan {path}: cannot read it ({err.strerror or err})") from None
     except yaml.YAMLError as err:
-        raise PlanError(f"precision plan {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise PrecisionPlanError(f"precision plan {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     return PrecisionPlan.from_dict(data, source=f"precision plan {path}")
 
 
@@ -105,13 +116,15 @@ def _matches(pattern: str, name: str, module: nn.Module) -> bool:
 
 def match_modules(root: nn.Module, patterns: Sequence[str], source: str = "fp32_modules") -> list[str]:
     """Names (as in ``root.named_modules()``) of the outermost modules matched by ``patterns`` (globs on the
-    names, or class names); their submodules come with them. Patterns that match nothing are a ``PlanError``
+    names, or class names); their submodules come with them. Patterns that match nothing are a ``PrecisionPlanError``
     naming them, with a few of the names the model has."""
     named = [(n, m) for n, m in root.named_modules() if n]
     unmatched = [p for p in patterns if not any(_matches(p, n, m) for n, m in named)]
     if unmatched:
         sample = ", ".join(n for n, _ in named[:6])
-        raise PlanError(f"{source}: no module of {type(root).__name__} matches {unmatched} (its names: {sample}, ...)")
+        raise PrecisionPlanError(
+            f"{source}: no module of {type(root).__name__} matches {unmatched} (its names: {sample}, ...)"
+        )
     chosen = [n for n, m in named if any(_matches(p, n, m) for p in patterns)]
     return outermost(chosen)
 
