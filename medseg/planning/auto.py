@@ -12,6 +12,7 @@ from medseg.config_check import ConfigError
 from medseg.data.datamodule import num_validation
 from medseg.planning.fingerprint import read_fingerprint
 from medseg.planning.measure import measure_steps
+from medseg.planning.nets import DYNUNET, PlannedNet
 from medseg.planning.planner import (
     PATCHES_PER_CASE,
     SLACK,
@@ -74,11 +75,12 @@ def make_budget(
     return Budget(memory=mem, time_seconds=seconds, patch_seconds=patch_seconds)
 
 
-def _measure(plan: Plan, fp, dtype) -> tuple[float, int | None]:
+def _measure(plan: Plan, fp, dtype, net: PlannedNet) -> tuple[float, int | None]:
     try:
         m = measure_steps(
-            len(fp.modalities), fp.num_classes, plan.patch, plan.spacing, plan.filters, plan.batch, dtype, plan.device
-        )
+            len(fp.modalities), fp.num_classes, plan.patch, plan.spacing, plan.filters, plan.batch, dtype,
+            plan.device, net=net,
+        )  # fmt: skip
     except torch.OutOfMemoryError:
         return float("inf"), None
     return m.seconds, m.peak
@@ -93,16 +95,18 @@ def plan_dataset(
     device: str | None = None,
     measure: bool = True,
     val_fraction: float = 0.2,
+    net: PlannedNet = DYNUNET,
 ) -> Plan:
     """The plan for `root`. With `measure`, a first step at a small patch calibrates seconds per FLOP, and real
     steps at the planned patch and batch check it: a plan whose patches run over the time budget, or (CUDA)
-    whose peak memory is over the memory budget, is planned again with the correction, and a log line says so."""
+    whose peak memory is over the memory budget, is planned again with the correction, and a log line says so.
+    `net`: the DynUNet nnU-Net's rules size, or the model the user chose (`medseg.planning.nets`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     fp = read_fingerprint(root)
     train_cases = fp.num_cases - num_validation(fp.num_cases, val_fraction)
     budget = make_budget(device, time, memory, patch_seconds, train_cases)
     dtype = low_dtype(precision, device)
-    plan = make_plan(fp, precision, budget, device, val_fraction=val_fraction)
+    plan = make_plan(fp, precision, budget, device, val_fraction=val_fraction, net=net)
     if not measure:
         return plan
     # seconds per FLOP from real steps of the memory plan (its patch scaled down to PROBE_VOXELS, its batch): a CPU
@@ -110,22 +114,22 @@ def plan_dataset(
     # at batch 2 vs 7), so a probe much smaller than the plan would make it shrink too far; from above, each
     # correction measures a patch larger than the next one
     scale = min(1.0, (PROBE_VOXELS / np.prod(plan.patch)) ** (1 / 3))
-    probe = fit_to_net(np.asarray(plan.patch) * scale, plan.spacing, limit=plan.patch)
-    probe_cost, filters = net_cost(fp, probe, np.asarray(plan.spacing), dtype, device)
+    probe = fit_to_net(np.asarray(plan.patch) * scale, plan.spacing, limit=plan.patch, net=net)
+    probe_cost, filters = net_cost(fp, probe, np.asarray(plan.spacing), dtype, device, net)
     probe_time = measure_steps(
-        len(fp.modalities), fp.num_classes, probe.tolist(), plan.spacing, filters, plan.batch, dtype, device
+        len(fp.modalities), fp.num_classes, probe.tolist(), plan.spacing, filters, plan.batch, dtype, device, net=net
     ).seconds
     seconds_per_flop, memory_scale = probe_time / (probe_cost.flops * plan.batch), 1.0
     tried: dict[tuple, float] = {}
     regrown = False
     for _ in range(MAX_CORRECTIONS + 1):
         scaled = Budget(int(budget.memory / memory_scale), budget.time_seconds, budget.patch_seconds)
-        plan = make_plan(fp, precision, scaled, device, seconds_per_flop, val_fraction)
+        plan = make_plan(fp, precision, scaled, device, seconds_per_flop, val_fraction, net)
         plan.budget = budget
         if (key := (tuple(plan.patch), plan.batch)) in tried:
             seconds = tried[key]
             break  # the correction changed nothing (e.g. already the smallest patch)
-        seconds, peak = _measure(plan, fp, dtype)
+        seconds, peak = _measure(plan, fp, dtype, net)
         tried[key] = seconds
         if peak is not None and peak > budget.memory or not np.isfinite(seconds):
             log.warning(

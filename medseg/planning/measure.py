@@ -10,8 +10,8 @@ import torch
 from monai.losses import DiceCELoss
 
 from medseg.models.channels_last import to_channels_last
-from medseg.models.dynunet import build_dynunet
 from medseg.models.module import SegmentationModule
+from medseg.planning.nets import DYNUNET, PlannedNet
 from medseg.precision.convert import to_low_precision
 
 WARMUP = 2  # untimed steps: on a CPU the second step was still up to 30 % slower than the ones after it
@@ -37,11 +37,12 @@ def measure_steps(
     low_dtype: torch.dtype | None,
     device: str = "cpu",
     steps: int = 4,
+    net: PlannedNet = DYNUNET,
 ) -> Measured:
     """Times `steps` steps after WARMUP untimed ones on random data, with the net laid out as training lays it out
     (channels-last on CPU, the low dtype with FP32 norms). Raises torch.OutOfMemoryError when it does not fit."""
     torch.manual_seed(0)
-    net = build_dynunet(in_channels, num_classes, patch, spacing, filters=filters).train().to(device)
+    net = net.build(in_channels, num_classes, patch, spacing, filters).to(device)
     if device == "cpu":
         to_channels_last(net)
     if low_dtype is not None:

@@ -13,8 +13,8 @@ import torch
 from monai.losses import DiceCELoss
 from torch.utils.flop_counter import FlopCounterMode
 
-from medseg.models.dynunet import build_dynunet
 from medseg.models.module import SegmentationModule
+from medseg.planning.nets import DYNUNET, PlannedNet
 from medseg.precision.convert import to_low_precision
 
 # Bytes per parameter outside the activations: FP32 weights, gradients and AdamW's two moments (16); the low
@@ -62,11 +62,14 @@ def step_cost(
     spacing: Sequence[float],
     filters: Sequence[int],
     low_dtype: torch.dtype | None,
+    net: PlannedNet = DYNUNET,
 ) -> StepCost:
-    """Counts one batch-1 training step of the planned DynUNet (deep supervision, batch Dice + CE loss in
-    FP32 as `SegmentationModule.compute_loss` runs it); `low_dtype` None for FP32, else the plugin's dtype."""
+    """Counts one batch-1 training step of the planned net (the DynUNet with deep supervision, or the chosen
+    model's), batch Dice + CE loss in FP32 as `SegmentationModule.compute_loss` runs it; `low_dtype` None for
+    FP32, else the plugin's dtype."""
+    planned = net
     with torch.device("meta"):
-        net = build_dynunet(in_channels, num_classes, patch, spacing, filters=filters).train()
+        net = planned.build(in_channels, num_classes, patch, spacing, filters)
         if low_dtype is not None:
             to_low_precision(net, low_dtype)
         module = SegmentationModule(net, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), torch.optim.AdamW)
