@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 GPU_SHARE = 0.85  # of the device's memory: room for the CUDA context, cuDNN workspaces and fragmentation
 RAM_SHARE = 0.5  # of the machine's memory on a CPU: the data loader's workers and caches need the rest
 MAX_CORRECTIONS = 3
-PROBE_VOXELS = 96**3  # calibration patch size (at most): a few seconds a step on a CPU
+PROBE_VOXELS = 96**3  # calibration patch size (at most): a few seconds a step on a CPU at a few classes
+PROBE_CLASSES = 8  # above this many classes the probe shrinks in proportion: its logits, softmax and loss
+# (C channels, every deep-supervision head at full resolution) cost as much as an 8-class probe's
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -113,7 +115,8 @@ def plan_dataset(
     # runs small convolutions and small batches at far fewer FLOP/s than large ones (hippocampus: 1.6x per patch
     # at batch 2 vs 7), so a probe much smaller than the plan would make it shrink too far; from above, each
     # correction measures a patch larger than the next one
-    scale = min(1.0, (PROBE_VOXELS / np.prod(plan.patch)) ** (1 / 3))
+    probe_voxels = PROBE_VOXELS * min(1.0, PROBE_CLASSES / fp.num_classes)
+    scale = min(1.0, (probe_voxels / np.prod(plan.patch)) ** (1 / 3))
     probe = fit_to_net(np.asarray(plan.patch) * scale, plan.spacing, limit=plan.patch, net=net)
     probe_cost, filters = net_cost(fp, probe, np.asarray(plan.spacing), dtype, device, net)
     probe_time = measure_steps(

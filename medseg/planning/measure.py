@@ -15,6 +15,9 @@ from medseg.planning.nets import DYNUNET, PlannedNet
 from medseg.precision.convert import to_low_precision
 
 WARMUP = 2  # untimed steps: on a CPU the second step was still up to 30 % slower than the ones after it
+# A measurement stops early once its steps took this long (after at least one untimed and one timed step): a step
+# of 100+ classes at a large patch takes 10-30 s on a CPU, and 6 of them per measured plan made planning minutes.
+MAX_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,11 @@ def measure_steps(
     device: str = "cpu",
     steps: int = 4,
     net: PlannedNet = DYNUNET,
+    max_seconds: float = MAX_SECONDS,
 ) -> Measured:
     """Times `steps` steps after WARMUP untimed ones on random data, with the net laid out as training lays it out
-    (channels-last on CPU, the low dtype with FP32 norms). Raises torch.OutOfMemoryError when it does not fit."""
+    (channels-last on CPU, the low dtype with FP32 norms); fewer once the steps took `max_seconds` (at least one
+    untimed and one timed). Raises torch.OutOfMemoryError when it does not fit."""
     torch.manual_seed(0)
     net = net.build(in_channels, num_classes, patch, spacing, filters).to(device)
     if device == "cpu":
@@ -55,8 +60,8 @@ def measure_steps(
     label = torch.randint(0, num_classes, (batch, 1, *patch), device=device).float()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps + WARMUP):
+    times: list[float] = []
+    while len(times) < steps + WARMUP and not (len(times) >= 2 and sum(times) > max_seconds):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         module.compute_loss(net(image), label).backward()
@@ -65,4 +70,4 @@ def measure_steps(
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return Measured(float(np.median(times[WARMUP:])), peak)
+    return Measured(float(np.median(times[min(WARMUP, len(times) - 1) :])), peak)
