@@ -104,3 +104,12 @@ def test_two_epoch_planned_run_validates_and_saves_a_best_checkpoint(long_plan, 
     train(cfg)
     best = sorted((tmp_path / "run" / "checkpoints").glob("epoch*-dice*.ckpt"))  # ModelCheckpoint on val/dice
     assert best, sorted(p.name for p in (tmp_path / "run").rglob("*"))
+
+
+def test_plan_command_plans_for_a_model(folder, tmp_path):
+    from medseg.plan import main as plan_main
+
+    out = plan_main([str(folder), "--no-measure", "--model", "swinunetr", "--out", str(tmp_path / "p.yaml")])
+    text = out.read_text()
+    assert "override /model: swinunetr" in text and "filters" not in text
+    assert all(p % 32 == 0 for p in yaml.safe_load(text)["data"]["patch_size"])
