@@ -3,7 +3,7 @@
 import gzip
 import os
 
-from medseg.data.check_cache import cache_file, checked_cases
+from medseg.data.check_cache import PARALLEL_FROM, cache_file, checked_cases
 from medseg.data.checks import check_dataset
 from medseg.data.synthetic import write_ct_dataset
 
@@ -32,7 +32,7 @@ def test_unchanged_cases_are_not_checked_again(tmp_path):
 
 
 def test_workers_and_cache_report_what_a_plain_check_reports(tmp_path):
-    root = write_ct_dataset(tmp_path / "Task_ct", num_cases=5, num_classes=5, shape=(16, 16, 12))
+    root = write_ct_dataset(tmp_path / "Task_ct", num_cases=PARALLEL_FROM, num_classes=5, shape=(16, 16, 12))
     broken = root / "labelsTr" / "ct_0003.nii.gz"
     broken.write_bytes(gzip.compress(gzip.decompress(broken.read_bytes())[:400]))  # header kept, voxels cut
     plain = check_dataset(root)

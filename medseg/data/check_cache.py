@@ -19,6 +19,7 @@ from rich.progress import track
 log = logging.getLogger(__name__)
 
 PROGRESS_FROM = 50  # cases: a progress bar from this many unchecked cases on
+PARALLEL_FROM = 16  # cases: fewer are read in this process (starting workers would cost more than it saves)
 VERSION = 1  # bump when a check changes what it reports: every cached result is then checked again
 
 
@@ -89,10 +90,11 @@ def checked_cases(
 
 def _run(check: Callable, cases: list, workers: int) -> list:
     show = len(cases) >= PROGRESS_FROM
-    if workers <= 0 or len(cases) < 2:
+    if workers <= 0 or len(cases) < PARALLEL_FROM:
         return list(track(map(check, cases), total=len(cases), description="checking files", disable=not show))
-    # spawn: forking a process that has started torch's threads can deadlock; the workers import only nibabel
-    context = multiprocessing.get_context("spawn")
+    # fork, as PyTorch's DataLoader workers start on Linux: spawn would import the entry point (torch, Lightning)
+    # again in every worker, seconds each
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         done = pool.map(check, cases, chunksize=max(1, min(16, len(cases) // (4 * workers))))
         return list(track(done, total=len(cases), description=f"checking files ({workers} workers)", disable=not show))
