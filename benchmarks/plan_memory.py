@@ -1,6 +1,7 @@
 """The planner's memory model against real peak memory, and the fp32 vs `mixed` plans at one memory budget.
 
     python benchmarks/plan_memory.py                                   # DynUNet, 1 channel, 3 classes, CPU
+    python benchmarks/plan_memory.py --patch 48 --classes 3 40 118     # the C-channel logits, softmax and loss
     python benchmarks/plan_memory.py --patch 32 48 64 --batch 2 --dataset ../shared/data/Task04_Hippocampus \
         --budget 600M
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patch", nargs="+", type=int, default=[32, 48, 64])
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--classes", nargs="+", type=int, default=[3], help="output classes, background included")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "mixed"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dataset", default=None, help="an MSD folder for part 2")
@@ -84,11 +86,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(child(json.loads(args.child))))
         return []
     rows = [
-        row(1, 3, [p, p, p], [1.0, 1.0, 1.0], args.batch, precision, args.device)
+        {"classes": classes, **row(1, classes, [p, p, p], [1.0, 1.0, 1.0], args.batch, precision, args.device)}
+        for classes in args.classes
         for p in args.patch
         for precision in args.precisions
     ]
-    print(f"DynUNet (planner's filters), 1 channel, 3 classes, {args.device}: step memory, model vs measured")
+    print(f"DynUNet (planner's filters), 1 channel, {args.device}: step memory, model vs measured")
     print(markdown_table(rows))
     if args.dataset:
         from medseg.planning.auto import plan_dataset

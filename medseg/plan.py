@@ -10,10 +10,26 @@ import logging
 import sys
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from medseg import CONF_DIR
 from medseg.config_check import ConfigError
 from medseg.planning.auto import TIME_BUDGET, plan_dataset
+from medseg.planning.nets import DYNUNET, PlannedNet
 from medseg.planning.plan_file import plan_yaml
 from medseg.planning.planner import PRECISIONS
+
+
+def chosen_net(name: str) -> PlannedNet:
+    """conf/model/<name>.yaml's net, as `python -m medseg.train model=<name>` composes it."""
+    if name == "dynunet":
+        return DYNUNET
+    GlobalHydra.instance().clear()  # a command run inside another Hydra app (tests) starts from a clean state
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}"])
+    return PlannedNet(name, OmegaConf.to_container(cfg.model.net, resolve=False))
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -30,6 +46,12 @@ def main(argv: list[str] | None = None) -> Path:
         default=None,
         help="training seconds per patch (default on CPU: the budget over 100 patches per training case)",
     )
+    parser.add_argument(
+        "--model",
+        default="dynunet",
+        choices=sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")),
+        help="the model=... it will train (default: a DynUNet sized by nnU-Net's rules)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--no-measure", action="store_true", help="skip the real steps (no step time, no epochs)")
     parser.add_argument("--out", type=Path, default=None, help="plan file (default: plan_<folder name>.yaml)")
@@ -44,6 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
             patch_seconds=args.patch_time,
             device=args.device,
             measure=not args.no_measure,
+            net=chosen_net(args.model),
         )
     except ConfigError as err:
         print(f"medseg: {err}", file=sys.stderr)

@@ -98,3 +98,13 @@ def test_attention_benchmark_shows_fp16_logits_overflow_and_the_fp32_fix(capsys)
         (1.0, "yes", "yes"),
         (1000.0, "NO", "yes"),
     ] * 2
+
+
+def test_scale_train_startup_table_reuses_the_checks_and_cache(tmp_path: Path, capsys) -> None:
+    """benchmarks/scale_train.py's start-up table at toy size: the second start makes no cache file."""
+    scale = _script("scale_train")
+    scale.main(["--smoke", "--tables", "3", "--work", str(tmp_path)])  # 12 and 24 cases
+    out = capsys.readouterr().out
+    assert "| cases | first s |" in out and "| 24 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 12 |")).split("|")
+    assert row[6].strip() == "0"  # "second made": the cache was reused whole

@@ -4,6 +4,7 @@ A broken case otherwise surfaces hours into training as a loader crash (truncate
 that no output channel covers, a label shifted against its image), so it is cheaper to look at every file first.
 """
 
+import functools
 import json
 import os
 import re
@@ -15,6 +16,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
+
+from medseg.data.check_cache import checked_cases
 
 REQUIRED_KEYS = ("labels", "modality", "training")
 
@@ -49,7 +52,14 @@ class CheckReport:
             raise DatasetError("\n".join(lines + [str(p) for p in self.errors]))
 
 
-def check_dataset(root: str | Path, *, affine_atol: float = 1e-3, check_voxels: bool = True) -> CheckReport:
+def check_dataset(
+    root: str | Path,
+    *,
+    affine_atol: float = 1e-3,
+    check_voxels: bool = True,
+    cache_dir: str | Path | None = None,
+    workers: int = 0,
+) -> CheckReport:
     """Check `dataset.json` and every training image/label pair it lists.
 
     Args:
@@ -57,6 +67,9 @@ def check_dataset(root: str | Path, *, affine_atol: float = 1e-3, check_voxels: 
         affine_atol: largest allowed difference between any image and label affine entry (mm for translations).
         check_voxels: also read the voxel data (NaN/Inf, label values, truncated files). Without it only the
             headers are read: much faster, but a file cut short after its header goes unnoticed.
+        cache_dir: where each case's result is kept under its files' size and modification time; a case whose
+            files are unchanged is not read again (`medseg.data.check_cache`). None: every case is read.
+        workers: processes that read the cases (0: this one); a progress bar shows from 50 cases on.
     """
     report = CheckReport(root=Path(root))
     meta = _read_meta(report)
@@ -79,6 +92,7 @@ def check_dataset(root: str | Path, *, affine_atol: float = 1e-3, check_voxels: 
     report.num_cases = len(training)
 
     first_seen: dict[str, int] = {}
+    cases = []
     for i, entry in enumerate(training):
         image, label = (entry.get("image"), entry.get("label")) if isinstance(entry, dict) else (None, None)
         if not (isinstance(image, str) and isinstance(label, str)):
@@ -90,7 +104,12 @@ def check_dataset(root: str | Path, *, affine_atol: float = 1e-3, check_voxels: 
             if key in first_seen:
                 report.errors.append(Problem(rel, f"duplicate: training entries {first_seen[key]} and {i} list it"))
             first_seen.setdefault(key, i)
-        _check_case(report, image, label, channels, declared, affine_atol, check_voxels)
+        cases.append((image, label))
+    settings = dict(channels=channels, declared=sorted(declared or []), atol=affine_atol, voxels=check_voxels)
+    check = functools.partial(_check_one, report.root, channels, declared, affine_atol, check_voxels)
+    for errors, warnings in checked_cases(report.root, cases, check, settings, cache_dir and Path(cache_dir), workers):
+        report.errors += [Problem(*p) for p in errors]
+        report.warnings += [Problem(*p) for p in warnings]
 
     # A file shared by two entries is checked twice; say each of its problems once.
     report.errors = list(dict.fromkeys(report.errors))
@@ -134,6 +153,15 @@ def _declared_labels(meta: dict, report: CheckReport) -> set[int] | None:
     for k in bad:
         report.errors.append(Problem("dataset.json", f"labels key {k!r} is not an integer"))
     return {int(k) for k in labels if k not in bad}
+
+
+def _check_one(
+    root: Path, channels: int | None, declared: set[int] | None, affine_atol: float, check_voxels: bool, case
+) -> tuple[list, list]:
+    """One (image, label) case's problems as ([file, reason], ...) errors and warnings, for `checked_cases`."""
+    report = CheckReport(root=root)
+    _check_case(report, *case, channels, declared, affine_atol, check_voxels)
+    return [[p.file, p.reason] for p in report.errors], [[p.file, p.reason] for p in report.warnings]
 
 
 def _check_case(

@@ -126,7 +126,7 @@ class MSDDataModule(pl.LightningDataModule):
             log.info("Writing the synthetic dataset to %s", self.root)
             write_synthetic_dataset(self.root, **synthesize)
         if validate:
-            check_dataset(self.root).raise_if_errors()
+            check_dataset(self.root, cache_dir=self.cache_dir, workers=self.num_workers).raise_if_errors()
         elif not (self.root / "dataset.json").is_file():
             raise ConfigError(f"data.root: no dataset.json in {self.root}")
         self.meta = json.loads((self.root / "dataset.json").read_text())

@@ -109,3 +109,88 @@ def write_synthetic_dataset(
     # dataset.json is written last: its presence marks a complete dataset (see MSDDataModule).
     (root / "dataset.json").write_text(json.dumps(meta, indent=2))
     return root
+
+
+def _organ_boxes(rng: np.random.Generator, shape: np.ndarray, num_organs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(centre, radii) in voxels of `num_organs` ellipsoids spread through a trunk-like body: centres on a jittered
+    grid along the long (last) axis, so organs overlap little however many there are."""
+    per_axis = max(1, int(np.ceil(num_organs ** (1 / 3))))
+    cells = np.stack(np.meshgrid(*[np.arange(per_axis)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    cells = cells[rng.permutation(len(cells))[:num_organs]]
+    cell = shape * 0.6 / per_axis  # the organs fill the middle 60 % of the body's box
+    centres = shape * 0.2 + (cells + 0.5 + rng.uniform(-0.2, 0.2, cells.shape)) * cell
+    radii = np.maximum(cell * rng.uniform(0.25, 0.45, cells.shape), 1.0)
+    return list(zip(centres, radii, strict=True))
+
+
+def make_ct_case(
+    rng: np.random.Generator, shape: tuple[int, int, int], num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One CT-like scan with `num_classes - 1` organ-like structures.
+
+    Returns:
+        image: int16 (X, Y, Z) Hounsfield units: air -1000 outside an elliptic body of fat/soft tissue (-100..40),
+            organs at their own level in [-150, 300] (every tenth one bone-like, 400..1200), noise of 15 HU.
+        label: uint8 (X, Y, Z) 0 background, 1..num_classes-1 one per organ (a later organ wins an overlap).
+    """
+    if not 2 <= num_classes <= 256:
+        raise ValueError(f"num_classes must be in [2, 256] (uint8 labels), got {num_classes}")
+    size = np.asarray(shape, float)
+    xs = [(np.arange(s) - s / 2) / (s * 0.47) for s in shape[:2]]
+    body2d = xs[0][:, None] ** 2 + xs[1][None, :] ** 2 <= 1.0  # an elliptic trunk, the same on every slice
+    image = rng.normal(0.0, 15.0, shape).astype(np.float32)
+    image += np.where(body2d, np.float32(rng.uniform(-100, 40)), np.float32(-1000.0))[:, :, None]
+    label = np.zeros(shape, np.uint8)
+    for k, (centre, radii) in enumerate(_organ_boxes(rng, size, num_classes - 1), start=1):
+        lo = np.maximum(np.floor(centre - radii), 0).astype(int)
+        hi = np.minimum(np.ceil(centre + radii) + 1, size).astype(int)
+        grid = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        level = rng.uniform(400, 1200) if k % 10 == 0 else rng.uniform(-150, 300)
+        label[box][inside] = k
+        image[box][inside] = level + rng.normal(0.0, 15.0, int(inside.sum()))
+    return np.clip(image, -1024, 3071).astype(np.int16), label
+
+
+def write_ct_dataset(
+    root: str | Path,
+    num_cases: int = 6,
+    num_classes: int = 118,
+    shape: tuple[int, int, int] = (96, 96, 96),
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
+    seed: int = 0,
+) -> Path:
+    """A TotalSegmentator-like MSD folder: `num_cases` CT scans (int16 HU, `make_ct_case`) of `shape` voxels with
+    `num_classes` labels (background included; TotalSegmentator v2 has 117 + background), saved as scanners write
+    them: LPS orientation (a negative x and y axis in the affine), `spacing` mm, a table-like origin. Returns root.
+
+    512x512x300 at 0.8x0.8x1.5 mm is a typical abdomen CT, 512x512x1000 at 0.8x0.8x1.0 a whole-body one."""
+    root = Path(root)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    training = []
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = [shape[0] * spacing[0] / 2, shape[1] * spacing[1] / 2 + 150.0, -shape[2] * spacing[2]]
+    for i in range(num_cases):
+        image, label = make_ct_case(rng, tuple(shape), num_classes)
+        name = f"ct_{i:04d}.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    labels = {"0": "background", **{str(k): f"organ_{k:03d}" for k in range(1, num_classes)}}
+    meta = {
+        "name": "SyntheticCT",
+        "description": f"medseg synthetic CT, {num_classes - 1} organ-like classes (medseg.data.synthetic)",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": labels,
+        "numTraining": num_cases,
+        "numTest": 0,
+        "training": training,
+        "test": [],
+        "seed": seed,
+    }
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2))  # last: its presence marks a complete dataset
+    return root

@@ -13,6 +13,8 @@ from torch import nn
 
 from medseg.inference import postprocess
 from medseg.models.channels_last import to_channels_last
+from medseg.models.class_dice import ClassDice
+from medseg.models.class_table import log_class_table
 from medseg.models.inference import mirror_flips, sliding_window_probs
 from medseg.models.loss import deep_supervision_loss
 from medseg.precision.convert import convert_net
@@ -86,6 +88,9 @@ class SegmentationModule(pl.LightningModule):
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.label_names = list(label_names)
         self.dice = DiceMetric(include_background=False, reduction="mean_batch")
+        # validation: the same numbers from voxel counts, without two one-hot copies of C channels per volume
+        self.val_dice = ClassDice(len(self.label_names))
+        self.per_class: dict[str, list[float]] = {}  # "<stage>/<metric>" -> the last epoch's value per class
         self.hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch")
         self.dice_lcc = DiceMetric(include_background=False, reduction="mean_batch")
         self.keep_largest = KeepLargestConnectedComponent(
@@ -150,7 +155,7 @@ class SegmentationModule(pl.LightningModule):
         return one_hot(probs.argmax(1, keepdim=True), n), one_hot(batch["label"].long(), n)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.dice(*self._one_hot_pair(batch))
+        self.val_dice(self.predict_probs(batch["image"]).argmax(1, keepdim=True), batch["label"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.saved_fp32_modules = saved_fp32_modules(checkpoint)
@@ -179,15 +184,19 @@ class SegmentationModule(pl.LightningModule):
         return {"pred": pred, "dice": dice, "hd95": hd95}
 
     def _log_per_class(self, stage: str, name: str, metric) -> torch.Tensor:
+        """`<stage>/<name>` (the mean over classes) and each class's value: as `<stage>/<name>/<label>` keys up to
+        `class_table.PER_CLASS_KEYS` classes, else as one table (`medseg.models.class_table`)."""
         values = metric.aggregate()
         metric.reset()
         self.log(f"{stage}/{name}", values.nanmean(), prog_bar=stage == "val", sync_dist=True)
-        for label, value in zip(self.label_names[1:], values, strict=True):
-            self.log(f"{stage}/{name}/{label}", value, sync_dist=True)
+        self.per_class[f"{stage}/{name}"] = values.tolist()
+        if not log_class_table(self, f"{stage}/{name}", self.label_names[1:], values):
+            for label, value in zip(self.label_names[1:], values, strict=True):
+                self.log(f"{stage}/{name}/{label}", value, sync_dist=True)
         return values
 
     def on_validation_epoch_end(self) -> None:
-        self._log_per_class("val", "dice", self.dice)
+        self._log_per_class("val", "dice", self.val_dice)
 
     def on_test_epoch_end(self) -> None:
         dice = self._log_per_class("test", "dice", self.dice)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medseg.config_check import ConfigError
 from medseg.planning.auto import TIME_BUDGET, plan_dataset
+from medseg.planning.nets import DYNUNET, PlannedNet
 from medseg.planning.plan_file import plan_overrides, plan_yaml, read_plan
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,21 @@ log = logging.getLogger(__name__)
 def plans_itself(cfg: DictConfig, choices: dict) -> bool:
     """`plan=auto` plans a user's own folder (`data=msd`), never a preset or an experiment."""
     return cfg.get("plan") == "auto" and choices.get("data") == "msd" and choices.get("experiment") is None
+
+
+def given_keys(cli: list[str]) -> set[str]:
+    """The keys (and groups) a list of Hydra overrides sets: `+precision=mixed` -> `precision`."""
+    return {o.lstrip("+~").split("=", 1)[0] for o in cli}
+
+
+def chosen_net(cfg: DictConfig, choices: dict, cli: list[str]) -> PlannedNet:
+    """The net to plan for: the model group given on the command line (`model=swinunetr`), as composed, with any
+    `model.net.*` keys given there; else the DynUNet that nnU-Net's rules size (conf/train.yaml's default model
+    is not a choice the user made)."""
+    name = choices.get("model")
+    if "model" not in given_keys(cli) or name in (None, "dynunet"):
+        return DYNUNET
+    return PlannedNet(name, OmegaConf.to_container(cfg.model.net, resolve=False))
 
 
 def planned_config(cfg: DictConfig) -> DictConfig:
@@ -59,6 +75,7 @@ def planned_config(cfg: DictConfig) -> DictConfig:
             device=device,
             measure=budget.get("measure", True),
             val_fraction=cfg.data.val_fraction,
+            net=chosen_net(cfg, hydra_cfg.runtime.choices, list(hydra_cfg.overrides.task)),
         )
         text = plan_yaml(plan)
         plan_cfg = OmegaConf.create(yaml.safe_load(text))

@@ -12,6 +12,7 @@ from medseg.config_check import ConfigError
 from medseg.data.datamodule import num_validation
 from medseg.planning.fingerprint import read_fingerprint
 from medseg.planning.measure import measure_steps
+from medseg.planning.nets import DYNUNET, PlannedNet
 from medseg.planning.planner import (
     PATCHES_PER_CASE,
     SLACK,
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 GPU_SHARE = 0.85  # of the device's memory: room for the CUDA context, cuDNN workspaces and fragmentation
 RAM_SHARE = 0.5  # of the machine's memory on a CPU: the data loader's workers and caches need the rest
 MAX_CORRECTIONS = 3
-PROBE_VOXELS = 96**3  # calibration patch size (at most): a few seconds a step on a CPU
+PROBE_VOXELS = 96**3  # calibration patch size (at most): a few seconds a step on a CPU at a few classes
+PROBE_CLASSES = 8  # above this many classes the probe shrinks in proportion: its logits, softmax and loss
+# (C channels, every deep-supervision head at full resolution) cost as much as an 8-class probe's
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 # The default wall clock of a planned run (`planner.time`, `medseg.plan --time-budget`); conf/train.yaml restates it.
@@ -77,11 +80,12 @@ def make_budget(
     return Budget(memory=mem, time_seconds=seconds, patch_seconds=patch_seconds)
 
 
-def _measure(plan: Plan, fp, dtype) -> tuple[float, int | None]:
+def _measure(plan: Plan, fp, dtype, net: PlannedNet) -> tuple[float, int | None]:
     try:
         m = measure_steps(
-            len(fp.modalities), fp.num_classes, plan.patch, plan.spacing, plan.filters, plan.batch, dtype, plan.device
-        )
+            len(fp.modalities), fp.num_classes, plan.patch, plan.spacing, plan.filters, plan.batch, dtype,
+            plan.device, net=net,
+        )  # fmt: skip
     except torch.OutOfMemoryError:
         return float("inf"), None
     return m.seconds, m.peak
@@ -96,39 +100,42 @@ def plan_dataset(
     device: str | None = None,
     measure: bool = True,
     val_fraction: float = 0.2,
+    net: PlannedNet = DYNUNET,
 ) -> Plan:
     """The plan for `root`. With `measure`, a first step at a small patch calibrates seconds per FLOP, and real
     steps at the planned patch and batch check it: a plan whose patches run over the time budget, or (CUDA)
-    whose peak memory is over the memory budget, is planned again with the correction, and a log line says so."""
+    whose peak memory is over the memory budget, is planned again with the correction, and a log line says so.
+    `net`: the DynUNet nnU-Net's rules size, or the model the user chose (`medseg.planning.nets`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     fp = read_fingerprint(root)
     train_cases = fp.num_cases - num_validation(fp.num_cases, val_fraction)
     budget = make_budget(device, time, memory, patch_seconds, train_cases)
     dtype = low_dtype(precision, device)
-    plan = make_plan(fp, precision, budget, device, val_fraction=val_fraction)
+    plan = make_plan(fp, precision, budget, device, val_fraction=val_fraction, net=net)
     if not measure:
         return plan
     # seconds per FLOP from real steps of the memory plan (its patch scaled down to PROBE_VOXELS, its batch): a CPU
     # runs small convolutions and small batches at far fewer FLOP/s than large ones (hippocampus: 1.6x per patch
     # at batch 2 vs 7), so a probe much smaller than the plan would make it shrink too far; from above, each
     # correction measures a patch larger than the next one
-    scale = min(1.0, (PROBE_VOXELS / np.prod(plan.patch)) ** (1 / 3))
-    probe = fit_to_net(np.asarray(plan.patch) * scale, plan.spacing, limit=plan.patch)
-    probe_cost, filters = net_cost(fp, probe, np.asarray(plan.spacing), dtype, device)
+    probe_voxels = PROBE_VOXELS * min(1.0, PROBE_CLASSES / fp.num_classes)
+    scale = min(1.0, (probe_voxels / np.prod(plan.patch)) ** (1 / 3))
+    probe = fit_to_net(np.asarray(plan.patch) * scale, plan.spacing, limit=plan.patch, net=net)
+    probe_cost, filters = net_cost(fp, probe, np.asarray(plan.spacing), dtype, device, net)
     probe_time = measure_steps(
-        len(fp.modalities), fp.num_classes, probe.tolist(), plan.spacing, filters, plan.batch, dtype, device
+        len(fp.modalities), fp.num_classes, probe.tolist(), plan.spacing, filters, plan.batch, dtype, device, net=net
     ).seconds
     seconds_per_flop, memory_scale = probe_time / (probe_cost.flops * plan.batch), 1.0
     tried: dict[tuple, float] = {}
     regrown = False
     for _ in range(MAX_CORRECTIONS + 1):
         scaled = Budget(int(budget.memory / memory_scale), budget.time_seconds, budget.patch_seconds)
-        plan = make_plan(fp, precision, scaled, device, seconds_per_flop, val_fraction)
+        plan = make_plan(fp, precision, scaled, device, seconds_per_flop, val_fraction, net)
         plan.budget = budget
         if (key := (tuple(plan.patch), plan.batch)) in tried:
             seconds = tried[key]
             break  # the correction changed nothing (e.g. already the smallest patch)
-        seconds, peak = _measure(plan, fp, dtype)
+        seconds, peak = _measure(plan, fp, dtype, net)
         tried[key] = seconds
         if peak is not None and peak > budget.memory or not np.isfinite(seconds):
             log.warning(

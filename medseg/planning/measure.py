@@ -9,11 +9,14 @@ import numpy as np
 import torch
 
 from medseg.models.channels_last import to_channels_last
-from medseg.models.dynunet import build_dynunet
 from medseg.models.loss import deep_supervision_loss, planned_loss
+from medseg.planning.nets import DYNUNET, PlannedNet
 from medseg.precision.convert import to_low_precision
 
 WARMUP = 2  # untimed steps: on a CPU the second step was still up to 30 % slower than the ones after it
+# A measurement stops early once its steps took this long (after at least one untimed and one timed step): a step
+# of 100+ classes at a large patch takes 10-30 s on a CPU, and 6 of them per measured plan made planning minutes.
+MAX_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,14 @@ def measure_steps(
     low_dtype: torch.dtype | None,
     device: str = "cpu",
     steps: int = 4,
+    net: PlannedNet = DYNUNET,
+    max_seconds: float = MAX_SECONDS,
 ) -> Measured:
     """Times `steps` steps after WARMUP untimed ones on random data, with the net laid out as training lays it out
-    (channels-last on CPU, the low dtype with FP32 norms). Raises torch.OutOfMemoryError when it does not fit."""
+    (channels-last on CPU, the low dtype with FP32 norms); fewer once the steps took `max_seconds` (at least one
+    untimed and one timed). Raises torch.OutOfMemoryError when it does not fit."""
     torch.manual_seed(0)
-    net = build_dynunet(in_channels, num_classes, patch, spacing, filters=filters).train().to(device)
+    net = net.build(in_channels, num_classes, patch, spacing, filters).to(device)
     if device == "cpu":
         to_channels_last(net)
     if low_dtype is not None:
@@ -53,8 +59,8 @@ def measure_steps(
     label = torch.randint(0, num_classes, (batch, 1, *patch), device=device).float()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps + WARMUP):
+    times: list[float] = []
+    while len(times) < steps + WARMUP and not (len(times) >= 2 and sum(times) > max_seconds):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         deep_supervision_loss(loss, net(image), label).backward()
@@ -63,4 +69,4 @@ def measure_steps(
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return Measured(float(np.median(times[WARMUP:])), peak)
+    return Measured(float(np.median(times[min(WARMUP, len(times) - 1) :])), peak)

@@ -30,7 +30,7 @@ def plan_config(plan: Plan) -> dict:
         "plan": "none",  # this file is the plan: do not plan again
         "data": data,
         "model": {
-            "net": {"filters": plan.filters},
+            **({"net": {"filters": plan.filters}} if plan.filters else {}),  # a chosen model keeps its widths
             "loss": {"batch": True},  # nnU-Net's batch Dice, as both hand-tuned presets use
             "test_mirror_axes": [0, 1, 2],
         },
@@ -50,7 +50,7 @@ def plan_yaml(plan: Plan) -> str:
         f"# medseg plan for {plan.root}, precision {plan.precision} on {plan.device}",
         f"# target spacing {plan.spacing} mm; after resampling median shape {plan.median_shape}, "
         f"smallest {plan.min_shape}",
-        f"# DynUNet strides {plan.strides}",
+        f"# DynUNet strides {plan.strides}" if plan.strides else f"# model {plan.model} as conf/model configures it",
         f"# memory: {plan.memory / gib:.2f} GiB per step (meta-device count x1.35 + 64 MiB) of a "
         f"{plan.budget.memory / gib:.2f} "
         "GiB budget",
@@ -63,7 +63,7 @@ def plan_yaml(plan: Plan) -> str:
         "# Train: python -m medseg.train plan=<this file> +precision=" + plan.precision,
         "defaults:",
         "  - override /data: msd",
-        "  - override /model: dynunet",
+        f"  - override /model: {plan.model}",
         "",
     ]
     return "\n".join(lines) + yaml.safe_dump(plan_config(plan), default_flow_style=None, sort_keys=False)
@@ -100,18 +100,34 @@ def read_plan(path: str | Path) -> DictConfig:
     return plan
 
 
+def validation_interval(max_epochs: int, planned: int) -> int:
+    """`trainer.check_val_every_n_epoch` for a run whose `max_epochs` the command line shortened: the plan's
+    interval, or less, so that the run has at least two validation rounds (one when it has one epoch) and its
+    last epoch is one of them (the best checkpoint can be the final weights): the largest divisor of
+    `max_epochs` that is at most `planned` and at most half of `max_epochs`."""
+    top = max(1, min(planned, max_epochs // 2))
+    return next(d for d in range(top, 0, -1) if max_epochs % d == 0)
+
+
 def plan_overrides(plan: DictConfig, cli: list[str]) -> list[str]:
     """The plan as Hydra overrides, minus what the command line sets: a key (or a group) given there wins, and a
-    model chosen there drops the plan's model keys (they belong to the planned DynUNet)."""
-    given = {o.lstrip("+~").split("=", 1)[0] for o in cli}
+    model chosen there drops the plan's model keys (they belong to the planned DynUNet). A `trainer.max_epochs`
+    given there (and no `trainer.check_val_every_n_epoch`) shortens the plan's validation interval to fit it."""
+    values = {o.lstrip("+~").split("=", 1)[0]: o.split("=", 1)[-1] for o in cli}
+    plan = plan.copy()
+    interval = OmegaConf.select(plan, "trainer.check_val_every_n_epoch")
+    epochs = values.get("trainer.max_epochs", "")
+    shortened = epochs.isdigit() and int(epochs) > 0 and "trainer.check_val_every_n_epoch" not in values
+    if interval is not None and shortened:
+        plan.trainer.check_val_every_n_epoch = validation_interval(int(epochs), int(interval))
     out = []
     for entry in plan.get("defaults", []):
         ((group, choice),) = entry.items()
         group = group.removeprefix("override /")
-        if group not in given:
+        if group not in values:
             out.append(f"{group}={choice}")
-    for key, value in _leaves(plan.copy()):
-        if key == "defaults" or key in given or (key.startswith("model.") and "model" in given):
+    for key, value in _leaves(plan):
+        if key == "defaults" or key in values or (key.startswith("model.") and "model" in values):
             continue
         out.append(f"++{key}={_value(value)}")  # ++: some keys (model.loss.batch) are not in conf/
     return out

@@ -19,6 +19,7 @@ from medseg.data.datamodule import num_validation
 from medseg.models.dynunet import kernels_and_strides, nnunet_filters
 from medseg.planning.fingerprint import Fingerprint
 from medseg.planning.memory import StepCost, step_cost
+from medseg.planning.nets import DYNUNET, PlannedNet
 from medseg.precision.dtypes import auto_low_dtype
 
 log = logging.getLogger(__name__)
@@ -75,19 +76,24 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
 
 def stride_factors(patch: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
     """Per axis, the product of the DynUNet's strides for this patch: every patch side must be a multiple."""
-    _, strides = kernels_and_strides(patch, spacing)
-    return np.prod(np.asarray(strides), axis=0)
+    return DYNUNET.factors(patch, spacing)
 
 
-def fit_to_net(patch: Sequence[float], spacing: Sequence[float], limit: Sequence[float]) -> np.ndarray:
+def fit_to_net(
+    patch: Sequence[float], spacing: Sequence[float], limit: Sequence[float], net: PlannedNet = DYNUNET
+) -> np.ndarray:
     """Each side a multiple of the net's stride product: rounded up (nnU-Net pads the median shape up) where the
     largest image still holds it (`limit`, the data module refuses a patch larger than every image), else down;
-    never under MIN_AXIS. The net's depth depends on the patch, so this repeats until it settles."""
-    patch, limit = np.maximum(np.round(np.asarray(patch, float)), MIN_AXIS), np.asarray(limit, float)
+    never under the net's smallest side. The DynUNet's depth depends on the patch, so this repeats until it
+    settles. A SwinUNETR patch of one bottleneck voxel grows its longest axis by one factor."""
+    smallest = net.min_axis
+    patch, limit = np.maximum(np.round(np.asarray(patch, float)), smallest), np.asarray(limit, float)
     for _ in range(8):
-        factors = stride_factors(patch.astype(int), spacing)
+        factors = net.factors(patch.astype(int), spacing)
         up, down = np.ceil(patch / factors) * factors, np.floor(patch / factors) * factors
-        fitted = np.where((up <= limit) | (down < MIN_AXIS), up, down)
+        fitted = np.where((up <= limit) | (down < smallest), up, down)
+        if not net.takes(fitted.astype(int), spacing) and (fitted == smallest).all():
+            fitted[int(np.argmax(limit))] += factors[int(np.argmax(limit))]
         if np.array_equal(fitted, patch):
             break
         patch = fitted
@@ -127,24 +133,36 @@ class Plan:
     epochs: int | None = None  # None: no step time measured; trainer.max_time alone stops the run
     val_every: int = 1
     notes: list[str] = field(default_factory=list)
+    model: str = "dynunet"  # the conf/model the plan is for (`PlannedNet.name`); filters and strides: DynUNet only
 
 
-def net_cost(fp: Fingerprint, patch: np.ndarray, spacing: np.ndarray, dtype, device: str) -> tuple[StepCost, list]:
-    """The batch-1 step cost of the planned net at `patch`, and the net's filters."""
-    _, strides = kernels_and_strides(patch.tolist(), spacing.tolist())
-    filters = filters_for(len(strides), device)
-    return step_cost(len(fp.modalities), fp.num_classes, patch.tolist(), spacing.tolist(), filters, dtype), filters
+def net_cost(
+    fp: Fingerprint, patch: np.ndarray, spacing: np.ndarray, dtype, device: str, net: PlannedNet = DYNUNET
+) -> tuple[StepCost, list]:
+    """The batch-1 step cost of the planned net at `patch`, and the net's filters ([] for a chosen model, which
+    keeps its own widths)."""
+    filters = []
+    if net.is_dynunet:
+        filters = filters_for(len(kernels_and_strides(patch.tolist(), spacing.tolist())[1]), device)
+    cost = step_cost(len(fp.modalities), fp.num_classes, patch.tolist(), spacing.tolist(), filters, dtype, net=net)
+    return cost, filters
 
 
-def _can_shrink(patch: np.ndarray, factors: np.ndarray, axis: int, spacing: np.ndarray) -> bool:
-    """One stride product off `axis` keeps it >= MIN_AXIS and the net 3 levels deep (deep supervision)."""
+def _can_shrink(patch: np.ndarray, factors: np.ndarray, axis: int, spacing: np.ndarray, net: PlannedNet) -> bool:
+    """One stride product off `axis` leaves a patch the net takes (the DynUNet 3 levels deep for deep supervision)."""
     smaller = patch.copy()
     smaller[axis] -= factors[axis]
-    return smaller[axis] >= MIN_AXIS and len(kernels_and_strides(smaller.tolist(), spacing.tolist())[1]) >= 3
+    return smaller[axis] >= net.min_axis and net.takes(smaller, spacing)
 
 
 def choose_patch_and_batch(
-    fp: Fingerprint, spacing: np.ndarray, budget: Budget, dtype, device: str, seconds_per_flop: float | None
+    fp: Fingerprint,
+    spacing: np.ndarray,
+    budget: Budget,
+    dtype,
+    device: str,
+    seconds_per_flop: float | None,
+    net: PlannedNet = DYNUNET,
 ) -> tuple[np.ndarray, int, StepCost, bool]:
     """nnU-Net's search: start from the median shape (padded to the net), shrink the side that is largest
     relative to the median shape by one stride product until batch 2 fits the budgets, then grow the batch.
@@ -160,11 +178,11 @@ def choose_patch_and_batch(
             return True
         return cost.flops * seconds_per_flop <= SLACK * budget.patch_seconds
 
-    patch = fit_to_net(median, spacing, limit)
-    cost, _ = net_cost(fp, patch, spacing, dtype, device)
+    patch = fit_to_net(median, spacing, limit, net)
+    cost, _ = net_cost(fp, patch, spacing, dtype, device, net)
     while not (in_memory(cost, MIN_BATCH) and in_time(cost, MIN_BATCH)):
-        factors = stride_factors(patch, spacing)
-        shrinkable = np.array([_can_shrink(patch, factors, axis, spacing) for axis in range(3)])
+        factors = net.factors(patch, spacing)
+        shrinkable = np.array([_can_shrink(patch, factors, axis, spacing, net) for axis in range(3)])
         if in_memory(cost, MIN_BATCH):  # only the step time is over: context matters more than the step count
             shrinkable &= patch - factors >= TIME_FLOOR * median
         if not shrinkable.any():
@@ -177,8 +195,8 @@ def choose_patch_and_batch(
             return patch, MIN_BATCH, cost, False
         axis = int(np.argmax(np.where(shrinkable, patch / median, -np.inf)))
         patch[axis] -= factors[axis]
-        patch = fit_to_net(patch, spacing, limit)
-        cost, _ = net_cost(fp, patch, spacing, dtype, device)
+        patch = fit_to_net(patch, spacing, limit, net)
+        cost, _ = net_cost(fp, patch, spacing, dtype, device, net)
     total_voxels = float(np.prod(fp.resampled_shapes(spacing), axis=1).sum())
     cap = max(MIN_BATCH, int(DATASET_SHARE * total_voxels / np.prod(patch)))
     batch = MIN_BATCH
@@ -196,9 +214,14 @@ def coarser(spacing: np.ndarray) -> np.ndarray:
     return np.where(spacing < spacing.max(), np.minimum(grown, spacing.max()), spacing)
 
 
-def deep_enough(fp: Fingerprint, spacing: np.ndarray) -> bool:
-    """At `spacing`, the median image still takes a net of 3 levels (deep supervision needs two halvings)."""
+def deep_enough(fp: Fingerprint, spacing: np.ndarray, net: PlannedNet = DYNUNET) -> bool:
+    """At `spacing`, the median image still takes a net of 3 levels (deep supervision needs two halvings); for a
+    chosen model, the largest image still holds a patch the net takes."""
     median = np.maximum(np.median(fp.resampled_shapes(spacing), axis=0).round(), MIN_AXIS)
+    if not net.is_dynunet:
+        limit = np.floor(fp.largest_shape(spacing) + 0.5)
+        fitted = fit_to_net(median, spacing, limit, net)
+        return bool((fitted <= limit).all() and net.takes(fitted, spacing))
     return len(kernels_and_strides(median.astype(int).tolist(), spacing.tolist())[1]) >= 3
 
 
@@ -234,6 +257,7 @@ def make_plan(
     device: str = "cpu",
     seconds_per_flop: float | None = None,
     val_fraction: float = 0.2,
+    net: PlannedNet = DYNUNET,
 ) -> Plan:
     """The plan for `fp` at `precision` within `budget`. Low precision never gets less than fp32 would at the
     same budget: if fp32's patch x batch is larger (batch rounding), that one is taken."""
@@ -241,8 +265,8 @@ def make_plan(
     dtype = low_dtype(precision, device)
     notes = []
     for rounds in range(MAX_COARSEN + 1):
-        patch, batch, cost, on_time = choose_patch_and_batch(fp, spacing, budget, dtype, device, seconds_per_flop)
-        if on_time or rounds == MAX_COARSEN or not deep_enough(fp, coarser(spacing)):
+        patch, batch, cost, on_time = choose_patch_and_batch(fp, spacing, budget, dtype, device, seconds_per_flop, net)
+        if on_time or rounds == MAX_COARSEN or not deep_enough(fp, coarser(spacing), net):
             break
         spacing = coarser(spacing)
     if not on_time:
@@ -254,10 +278,10 @@ def make_plan(
             f"({budget.patch_seconds:.2f} s a patch)"
         )
     if dtype is not None:
-        p32, b32, _, _ = choose_patch_and_batch(fp, spacing, budget, None, device, seconds_per_flop)
+        p32, b32, _, _ = choose_patch_and_batch(fp, spacing, budget, None, device, seconds_per_flop, net)
         if np.prod(p32) * b32 > np.prod(patch) * batch:
             patch, batch = p32, b32
-            cost, _ = net_cost(fp, patch, spacing, dtype, device)
+            cost, _ = net_cost(fp, patch, spacing, dtype, device, net)
         gain = np.prod(patch) * batch / (np.prod(p32) * b32)
         notes.append(
             f"{precision} ({str(dtype).removeprefix('torch.')} activations): patch x batch {gain:.2f}x fp32's "
@@ -265,9 +289,14 @@ def make_plan(
         )
     resampled = fp.resampled_shapes(spacing)
     _, strides = kernels_and_strides(patch.tolist(), spacing.tolist())
-    if len(strides) < 3:  # DynUNet's deep supervision needs two downsamplings
+    too_large = not net.is_dynunet and (patch > np.floor(fp.largest_shape(spacing) + 0.5)).any()
+    if too_large or not net.takes(patch, spacing):  # DynUNet's deep supervision: two halvings; SwinUNETR 32-fold
         raise ConfigError(
-            f"plan: images of {resampled.max(axis=0).round().tolist()} voxels are too small for a 3D U-Net"
+            f"plan: images of {resampled.max(axis=0).round().tolist()} voxels at {np.round(spacing, 3).tolist()} mm "
+            f"are too small for {'a 3D U-Net' if net.is_dynunet else 'model=' + net.name} "
+            f"(it needs sides that are multiples of {net.min_axis}"
+            + ("" if net.is_dynunet else "; a finer data.spacing makes the images larger")
+            + ")"
         )
     ct_window = None
     if fp.is_ct:
@@ -281,13 +310,14 @@ def make_plan(
         min_shape=resampled.min(axis=0).round().astype(int).tolist(),
         patch=patch.tolist(),
         batch=int(batch),
-        filters=filters_for(len(strides), device),
-        strides=strides,
+        filters=filters_for(len(strides), device) if net.is_dynunet else [],
+        strides=strides if net.is_dynunet else [],
         memory=cost.bytes(batch),
         budget=budget,
         flops=cost.flops,
         ct_window=ct_window,
         notes=notes,
+        model=net.name,
     )
     if seconds_per_flop:
         plan.step_seconds = cost.flops * batch * seconds_per_flop

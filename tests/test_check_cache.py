@@ -1,0 +1,42 @@
+"""Dataset checks done once per folder and in worker processes (issue 22, part 4)."""
+
+import gzip
+import os
+
+from medseg.data.check_cache import PARALLEL_FROM, cache_file, checked_cases
+from medseg.data.checks import check_dataset
+from medseg.data.synthetic import write_ct_dataset
+
+
+def test_unchanged_cases_are_not_checked_again(tmp_path):
+    root = write_ct_dataset(tmp_path / "Task_ct", num_cases=6, num_classes=5, shape=(16, 16, 12))
+    cases = [(f"./imagesTr/ct_{i:04d}.nii.gz", f"./labelsTr/ct_{i:04d}.nii.gz") for i in range(6)]
+    seen = []
+
+    def check(case):
+        seen.append(case)
+        return [[case[0], f"problem {len(seen)}"]], []
+
+    first = checked_cases(root, cases, check, {"a": 1}, tmp_path / "cache")
+    assert len(seen) == 6 and cache_file(tmp_path / "cache", root).is_file()
+    again = checked_cases(root, cases, check, {"a": 1}, tmp_path / "cache")
+    assert len(seen) == 6 and again == first  # nothing read: the stored problems come back
+    label = root / cases[2][1]
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))  # touched: checked again
+    checked_cases(root, cases, check, {"a": 1}, tmp_path / "cache")
+    assert seen[6:] == [cases[2]]
+    checked_cases(root, cases, check, {"a": 2}, tmp_path / "cache")  # other settings: everything again
+    assert len(seen) == 13
+    checked_cases(root, cases, check, {"a": 2}, None)  # no cache folder: everything, every time
+    assert len(seen) == 19
+
+
+def test_workers_and_cache_report_what_a_plain_check_reports(tmp_path):
+    root = write_ct_dataset(tmp_path / "Task_ct", num_cases=PARALLEL_FROM, num_classes=5, shape=(16, 16, 12))
+    broken = root / "labelsTr" / "ct_0003.nii.gz"
+    broken.write_bytes(gzip.compress(gzip.decompress(broken.read_bytes())[:400]))  # header kept, voxels cut
+    plain = check_dataset(root)
+    assert [p.file for p in plain.errors] == ["./labelsTr/ct_0003.nii.gz"], plain.errors
+    pooled = check_dataset(root, cache_dir=tmp_path / "cache", workers=2)
+    cached = check_dataset(root, cache_dir=tmp_path / "cache", workers=2)
+    assert pooled.errors == plain.errors == cached.errors and pooled.warnings == plain.warnings == cached.warnings
