@@ -115,8 +115,8 @@ def plan_dataset(
     if not measure:
         return plan
     # seconds per FLOP from real steps of the memory plan (its patch scaled down to PROBE_VOXELS, its batch): a CPU
-    # runs small convolutions and small batches at far fewer FLOP/s than large ones (hippocampus: 1.6x per patch
-    # at batch 2 vs 7), so a probe much smaller than the plan would make it shrink too far; from above, each
+    # runs small convolutions and small batches at far fewer FLOP/s than large ones (a patch at batch 2 ran slower
+    # than at batch 7 on hippocampus), so a probe much smaller than the plan would make it shrink too far; from above, each
     # correction measures a patch larger than the next one
     probe_voxels = PROBE_VOXELS * min(1.0, PROBE_CLASSES / fp.num_classes)
     scale = min(1.0, (probe_voxels / np.prod(plan.patch)) ** (1 / 3))

@@ -13,7 +13,7 @@ from medseg.models.loss import deep_supervision_loss, planned_loss
 from medseg.planning.nets import DYNUNET, PlannedNet
 from medseg.precision.convert import to_low_precision
 
-WARMUP = 2  # untimed steps: on a CPU the second step was still up to 30 % slower than the ones after it
+WARMUP = 2  # untimed steps: on a CPU the second step was still slower than the ones after it
 # A measurement stops early once its steps took this long (after at least one untimed and one timed step): a step
 # of 100+ classes at a large patch takes 10-30 s on a CPU, and 6 of them per measured plan made planning minutes.
 MAX_SECONDS = 15.0

@@ -20,8 +20,8 @@ from medseg.precision.convert import to_low_precision
 # dtype adds low-precision weights and gradients beside the FP32 masters (+4).
 PARAM_BYTES = {None: 16, torch.bfloat16: 20, torch.float16: 20}
 # Real peaks exceed the saved tensors: backward holds activation gradients beside them, and the allocator and
-# oneDNN keep scratch. Measured on a CPU (benchmarks/plan_memory.py, DynUNet 32-96^3, fp32 and bf16; RESULTS.md):
-# peak RSS = 1.23-1.76x the saved bytes, within 1.35x + 64 MiB at every size.
+# oneDNN keep scratch. Fitted to CPU peaks of benchmarks/plan_memory.py (DynUNet 32-96^3, fp32 and bf16) so that
+# every measured peak stays under the model (benchmarks/RESULTS.md, "Planner memory model").
 OVERHEAD, OVERHEAD_BYTES = 1.35, 64 * 2**20
 
 

@@ -11,6 +11,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from medseg.config_check import ConfigError
+from medseg.planning.memory import OVERHEAD, OVERHEAD_BYTES
 from medseg.planning.planner import Plan
 
 
@@ -51,7 +52,8 @@ def plan_yaml(plan: Plan) -> str:
         f"# target spacing {plan.spacing} mm; after resampling median shape {plan.median_shape}, "
         f"smallest {plan.min_shape}",
         f"# DynUNet strides {plan.strides}" if plan.strides else f"# model {plan.model} as conf/model configures it",
-        f"# memory: {plan.memory / gib:.2f} GiB per step (meta-device count x1.35 + 64 MiB) of a "
+        f"# memory: {plan.memory / gib:.2f} GiB per step (meta-device count x{OVERHEAD} + "
+        f"{OVERHEAD_BYTES // 2**20} MiB) of a "
         f"{plan.budget.memory / gib:.2f} "
         "GiB budget",
         f"# time budget {_duration(plan.budget.time_seconds)}; step "
