@@ -116,8 +116,8 @@ def plan_dataset(
         return plan
     # seconds per FLOP from real steps of the memory plan (its patch scaled down to PROBE_VOXELS, its batch): a CPU
     # runs small convolutions and small batches at far fewer FLOP/s than large ones (a patch at batch 2 ran slower
-    # than at batch 7 on hippocampus), so a probe much smaller than the plan would make it shrink too far; from above, each
-    # correction measures a patch larger than the next one
+    # than at batch 7 on hippocampus), so a probe much smaller than the plan would make it shrink too far; from
+    # above, each correction measures a patch larger than the next one
     probe_voxels = PROBE_VOXELS * min(1.0, PROBE_CLASSES / fp.num_classes)
     scale = min(1.0, (probe_voxels / np.prod(plan.patch)) ** (1 / 3))
     probe = fit_to_net(np.asarray(plan.patch) * scale, plan.spacing, limit=plan.patch, net=net)
