@@ -22,7 +22,7 @@ from rich.table import Table
 from medseg import CONF_DIR
 from medseg.checkpoint import CheckpointError, load_checkpoint
 from medseg.config_check import ConfigError, check_config, check_output_dir
-from medseg.data.checks import DatasetError
+from medseg.data.integrity import DatasetError
 from medseg.planning.apply import planned_config
 from medseg.precision.view import master_weights
 from medseg.reliability.resume import newest_loadable

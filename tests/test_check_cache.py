@@ -3,8 +3,8 @@
 import gzip
 import os
 
-from medseg.data.check_cache import PARALLEL_FROM, cache_file, checked_cases
-from medseg.data.checks import check_dataset
+from medseg.data.integrity import check_dataset
+from medseg.data.integrity_cache import PARALLEL_FROM, cache_file, checked_cases
 from medseg.data.synthetic import write_ct_dataset
 
 

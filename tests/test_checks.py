@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.data.checks import CheckReport, DatasetError, check_dataset
+from medseg.data.integrity import CheckReport, DatasetError, check_dataset
 
 from .helpers import run_cli
 

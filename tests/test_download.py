@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from medseg.data.checks import check_dataset
 from medseg.data.download import download_task
+from medseg.data.integrity import check_dataset
 from medseg.data.synthetic import write_synthetic_dataset
 
 

@@ -30,7 +30,7 @@ from medseg.planning.planner import (
     MIN_AXIS,
     TIME_FLOOR,
     Budget,
-    Plan,
+    TrainingPlan,
     choose_patch_and_batch,
     coarser,
     deep_enough,
@@ -156,7 +156,7 @@ def test_time_budget_shrinks_the_patch_to_its_floor_then_coarsens_the_spacing(da
 @pytest.mark.parametrize("step_seconds", [0.05, 0.3, 1.33, 7.0])
 def test_training_length_ends_on_a_validation_epoch(step_seconds):
     """The last epoch is validated (Lightning validates every val_every-th epoch), >= 2 rounds, inside the budget."""
-    plan = Plan(
+    plan = TrainingPlan(
         root="x", precision="mixed", device="cpu", spacing=[2.0] * 3, median_shape=[68, 85, 69], min_shape=[68, 85, 69],
         patch=[80, 96, 64], batch=2, filters=[16, 32, 64, 128, 256], strides=[[1] * 3] + [[2] * 3] * 4, memory=0,
         budget=Budget(memory=2**30, time_seconds=540), flops=1, step_seconds=step_seconds,

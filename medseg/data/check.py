@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medseg.data.checks import check_dataset
+from medseg.data.integrity import check_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

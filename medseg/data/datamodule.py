@@ -14,7 +14,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, loa
 from monai.transforms import Compose
 
 from medseg.config_check import ConfigError
-from medseg.data.checks import check_dataset
+from medseg.data.integrity import check_dataset
 from medseg.data.resumable import ResumableDataLoader
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.data.transforms import augment, preprocess

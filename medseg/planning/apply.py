@@ -87,5 +87,5 @@ def planned_config(cfg: DictConfig) -> DictConfig:
         out.write_text(text)
     cli = list(hydra_cfg.overrides.task)
     overrides = plan_overrides(plan_cfg, cli)
-    log.info("Plan (saved as %s; command-line keys win over it):\n%s", out, text)
+    log.info("Training plan (saved as %s; command-line keys win over it):\n%s", out, text)
     return compose(config_name=hydra_cfg.job.config_name, overrides=overrides + cli)

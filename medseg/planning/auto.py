@@ -18,7 +18,7 @@ from medseg.planning.planner import (
     SLACK,
     TRAIN_SHARE,
     Budget,
-    Plan,
+    TrainingPlan,
     fit_to_net,
     low_dtype,
     make_plan,
@@ -80,7 +80,7 @@ def make_budget(
     return Budget(memory=mem, time_seconds=seconds, patch_seconds=patch_seconds)
 
 
-def _measure(plan: Plan, fp, dtype, net: PlannedNet) -> tuple[float, int | None]:
+def _measure(plan: TrainingPlan, fp, dtype, net: PlannedNet) -> tuple[float, int | None]:
     try:
         m = measure_steps(
             len(fp.modalities), fp.num_classes, plan.patch, plan.spacing, plan.filters, plan.batch, dtype,
@@ -101,7 +101,7 @@ def plan_dataset(
     measure: bool = True,
     val_fraction: float = 0.2,
     net: PlannedNet = DYNUNET,
-) -> Plan:
+) -> TrainingPlan:
     """The plan for `root`. With `measure`, a first step at a small patch calibrates seconds per FLOP, and real
     steps at the planned patch and batch check it: a plan whose patches run over the time budget, or (CUDA)
     whose peak memory is over the memory budget, is planned again with the correction, and a log line says so.

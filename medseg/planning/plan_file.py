@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from medseg.config_check import ConfigError
 from medseg.planning.memory import OVERHEAD, OVERHEAD_BYTES
-from medseg.planning.planner import Plan
+from medseg.planning.planner import TrainingPlan
 
 
 def _duration(seconds: float) -> str:
@@ -21,7 +21,7 @@ def _duration(seconds: float) -> str:
     return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def plan_config(plan: Plan) -> dict:
+def plan_config(plan: TrainingPlan) -> dict:
     """The keys the plan sets, nested as in conf/train.yaml."""
     data = {"root": plan.root, "spacing": plan.spacing, "patch_size": plan.patch, "batch_size": plan.batch}
     data["num_samples"] = 1  # nnU-Net: one patch per image; the batch is the planned number of patches
@@ -43,7 +43,7 @@ def plan_config(plan: Plan) -> dict:
     }
 
 
-def plan_yaml(plan: Plan) -> str:
+def plan_yaml(plan: TrainingPlan) -> str:
     """The plan file: a header of comments saying what was measured and decided, then the experiment."""
     gib = 2**30
     lines = [

@@ -112,7 +112,7 @@ class Budget:
 
 
 @dataclass
-class Plan:
+class TrainingPlan:
     """What the planner chose and why; `medseg.planning.plan_file` writes it as a Hydra experiment file."""
 
     root: str
@@ -225,7 +225,7 @@ def deep_enough(fp: Fingerprint, spacing: np.ndarray, net: PlannedNet = DYNUNET)
     return len(kernels_and_strides(median.astype(int).tolist(), spacing.tolist())[1]) >= 3
 
 
-def training_length(plan: Plan, num_cases: int, val_fraction: float) -> None:
+def training_length(plan: TrainingPlan, num_cases: int, val_fraction: float) -> None:
     """Epochs from the measured step time: what the time budget leaves after start-up, the final (8x mirrored)
     test pass and up to VAL_ROUNDS sliding-window validation rounds (fewer when they would take over
     VAL_SHARE of the budget), over the time of one epoch; `trainer.max_time` stays the hard stop."""
@@ -258,7 +258,7 @@ def make_plan(
     seconds_per_flop: float | None = None,
     val_fraction: float = 0.2,
     net: PlannedNet = DYNUNET,
-) -> Plan:
+) -> TrainingPlan:
     """The plan for `fp` at `precision` within `budget`. Low precision never gets less than fp32 would at the
     same budget: if fp32's patch x batch is larger (batch rounding), that one is taken."""
     spacing = full = target_spacing(fp.spacings, fp.shapes * fp.crop)
@@ -301,7 +301,7 @@ def make_plan(
     ct_window = None
     if fp.is_ct:
         ct_window = [round(fp.intensity[0]["p00_5"], 1), round(fp.intensity[0]["p99_5"], 1)]
-    plan = Plan(
+    plan = TrainingPlan(
         root=str(fp.root.resolve()),
         precision=precision,
         device=device,

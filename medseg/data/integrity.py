@@ -17,7 +17,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 
-from medseg.data.check_cache import checked_cases
+from medseg.data.integrity_cache import checked_cases
 
 REQUIRED_KEYS = ("labels", "modality", "training")
 
@@ -68,7 +68,7 @@ def check_dataset(
         check_voxels: also read the voxel data (NaN/Inf, label values, truncated files). Without it only the
             headers are read: much faster, but a file cut short after its header goes unnoticed.
         cache_dir: where each case's result is kept under its files' size and modification time; a case whose
-            files are unchanged is not read again (`medseg.data.check_cache`). None: every case is read.
+            files are unchanged is not read again (`medseg.data.integrity_cache`). None: every case is read.
         workers: processes that read the cases (0: this one); a progress bar shows from 50 cases on.
     """
     report = CheckReport(root=Path(root))
