@@ -17,12 +17,15 @@ from medseg.data.transforms import preprocess
 from medseg.inference import postprocess
 from medseg.inference.ensemble import check_compatible, checkpoint_paths
 from medseg.inference.precision import stitch_device
-from medseg.models.inference import mirror_flips, probs_to_labels, sliding_window_probs
+from medseg.inference.slab_stitching import SlabStitcher, live_shape
+from medseg.models.inference import mirror_flips
 from medseg.precision.convert import convert_net
 from medseg.precision.dtypes import inference_dtype
 from medseg.precision.precision_plan import PrecisionPlanError, saved_fp32_modules
 
 log = logging.getLogger(__name__)
+# Probability channels resampled back to the input's grid at a time (float32 while resampled).
+INVERT_CHANNELS = 8
 
 
 class Predictor:
@@ -105,20 +108,25 @@ class Predictor:
         log.info("postprocessing: keep the largest component of %s", names or "no class")
         return record["keep_largest"]
 
-    @torch.no_grad()
+    def stitch(self, image: torch.Tensor, keep_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class indices (1, 1, X, Y, Z) of a preprocessed image (1, C_in, X, Y, Z) and, with `keep_probs`, its
+        ensemble-mean probabilities (1, C, X, Y, Z) in `self.dtype`, stitched slab by slab
+        (`medseg.inference.slab_stitching`), on the stitching device (`medseg.inference.precision.stitch_device`)."""
+        image = image.to(self.device)
+        stitcher = SlabStitcher(self.nets, self.rois, self.mirror_axes, self.sw_batch_size, self.overlap,
+                                dtype=self.dtype, device=self._buffers(image, keep_probs))  # fmt: skip
+        return stitcher.labels_and_probs(image, keep_probs)
+
+    def _buffers(self, image: torch.Tensor, keep_probs: bool) -> torch.device:
+        shape = tuple(image.shape[2:]) if keep_probs else live_shape(image.shape[2:], self.rois, self.mirror_axes)
+        return stitch_device(self.device, shape, self.num_classes, self.dtype)
+
     def probs(self, image: torch.Tensor) -> torch.Tensor:
         """Ensemble-mean class probabilities (1, C, X, Y, Z) in `self.dtype` of a preprocessed image (1, C_in, ...),
-        on the stitching device (`medseg.inference.precision.stitch_device`)."""
-        image = image.to(self.device)
-        buffers = stitch_device(self.device, tuple(image.shape[2:]), self.num_classes, self.dtype)
-        total: torch.Tensor | None = None
-        for net, roi, axes in zip(self.nets, self.rois, self.mirror_axes, strict=True):
-            probs = sliding_window_probs(
-                net, image, roi, self.sw_batch_size, self.overlap, mirror_axes=axes, dtype=self.dtype, device=buffers
-            )
-            total = probs if total is None else total.add_(probs)
-        assert total is not None
-        return total.div_(len(self.nets)) if len(self.nets) > 1 else total
+        on the stitching device."""
+        probs = self.stitch(image, keep_probs=True)[1]
+        assert probs is not None
+        return probs
 
     def __call__(self, image_path: Path) -> np.ndarray:
         """uint8 mask (X, Y, Z) on the input file's own voxel grid, postprocessed."""
@@ -130,22 +138,31 @@ class Predictor:
         (`net_input`)."""
         x = net_input(data, self.dtype, self.device)
         record = data["image"]
-        probs = self.probs(x)
+        labels, probs = self.stitch(x, keep_probs=with_probs)
         del x
-        labels = probs_to_labels(probs)[0].cpu()
-        # float32 for Invertd's bilinear resampling; the low-dtype probabilities are not kept beside them
-        kept = probs[0].to("cpu", torch.float32) if with_probs else None
-        del probs
+        labels = labels[0].cpu()
         # The outputs carry the image's record of applied transforms, which Invertd undoes in reverse (it reads
         # only that record and the meta of "image"); a fresh dict keeps them out of the caller's.
         pred = self.invert({"image": record, "pred": self._with_record(labels.float(), record)})["pred"]
         del labels
         mask = np.asarray(postprocess.keep_largest(pred, self.keep_largest)[0]).round().astype(np.uint8)
-        if kept is None:
+        if probs is None:
             return mask, None
         del pred
-        inverted = self.invert_probs({"image": record, "probs": self._with_record(kept, record)})["probs"]
-        return mask, inverted.as_tensor().to(torch.float16)
+        return mask, self._invert_probs(probs[0], record)
+
+    def _invert_probs(self, probs: torch.Tensor, record: MetaTensor) -> torch.Tensor:
+        """float16 probabilities (C, X, Y, Z) on the input's grid from (C, ...) on the net's grid, a few channels
+        at a time: float32 (Invertd's bilinear resampling) for those channels only, beside the float16 result."""
+        out: torch.Tensor | None = None
+        for start in range(0, probs.shape[0], INVERT_CHANNELS):
+            part = probs[start : start + INVERT_CHANNELS].to("cpu", torch.float32)
+            part = self.invert_probs({"image": record, "probs": self._with_record(part, record)})["probs"]
+            if out is None:
+                out = torch.empty((probs.shape[0], *part.shape[1:]), dtype=torch.float16)
+            out[start : start + INVERT_CHANNELS] = part.as_tensor()
+        assert out is not None
+        return out
 
     @staticmethod
     def _with_record(tensor: torch.Tensor, record: MetaTensor) -> MetaTensor:

@@ -1,0 +1,109 @@
+"""Slab-by-slab stitching (medseg.inference.slab_stitching) against the whole-volume path it replaces in
+prediction (`sliding_window_probs`, MONAI's `sliding_window_inference`): same masks, memory independent of length."""
+
+import pytest
+import torch
+
+from medseg.inference.slab_stitching import SlabStitcher, label_dtype, live_shape, slab_axis
+from medseg.models.inference import probs_to_labels, sliding_window_probs
+
+CLASSES = 6
+
+
+def _net(seed: int, classes: int = CLASSES) -> torch.nn.Module:
+    """A random conv net: not symmetric, so flips and window positions change its output."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, classes, 3, padding=1)
+    )
+    return net.eval()
+
+
+def _old(nets, image, roi, axes, dtype=None, sw_batch_size=3, overlap=0.5):
+    """Today's path: whole-volume probabilities per model (`sliding_window_probs`), averaged as Predictor did."""
+    probs = [sliding_window_probs(n, image, roi, sw_batch_size, overlap, mirror_axes=axes, dtype=dtype) for n in nets]
+    total = probs[0]
+    for p in probs[1:]:
+        total = total.add_(p)
+    return total.div_(len(nets)) if len(nets) > 1 else total
+
+
+# [image shape (X, Y, Z), roi, mirror axes]: anisotropic volumes whose longest axis is each of the three; windows
+# deeper than the slabs (cut at every window start), so every window crosses slab edges; flips along the slab axis;
+# an image thinner than the roi (MONAI pads it, the odd voxel after, before a flip after the flip).
+CASES = [
+    [(20, 18, 45), (12, 10, 16), ()],
+    [(16, 14, 37), (12, 10, 16), (0, 2)],
+    [(41, 12, 11), (16, 16, 8), (0,)],
+    [(9, 30, 13), (12, 16, 16), (0, 1, 2)],
+]
+
+
+@pytest.mark.parametrize(
+    ("shape", "roi", "axes", "models"), [[*c, m] for c, m in zip(CASES, [1, 1, 2, 2], strict=True)]
+)
+def test_slab_masks_equal_whole_volume_masks(shape, roi, axes, models):
+    nets = [_net(seed) for seed in range(models)]
+    image = torch.randn(1, 1, *shape)
+    with torch.no_grad():
+        want = _old(nets, image, roi, axes)
+    stitcher = SlabStitcher(nets, [roi] * models, [axes] * models, sw_batch_size=3, overlap=0.5)
+    slabs = [(s.start, s.stop) for s in stitcher.slabs(image)]
+    axis = slab_axis(shape)
+    assert len(slabs) > 2 and slabs[0][0] == 0 and slabs[-1][1] == shape[axis]
+    assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:], strict=False))
+    assert min(stop - start for start, stop in slabs) < roi[axis]  # windows reach across slab edges
+    labels, probs = stitcher.labels_and_probs(image, keep_probs=True)
+    assert labels.dtype == torch.uint8 and labels.shape == (1, 1, *shape)
+    torch.testing.assert_close(probs, want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(labels, probs_to_labels(want))
+    assert len(labels.unique()) >= 3  # several classes won somewhere: not a constant mask by chance
+
+
+@pytest.mark.parametrize(("shape", "roi", "axes"), CASES[:2])
+def test_bf16_masks_differ_only_where_classes_tie_to_rounding(shape, roi, axes):
+    """BF16 sums: MONAI adds overlapping windows in order of their first axis, the slabs in order of the longest,
+    so sums round differently; a voxel's class may change only where today's two best probabilities were within
+    rounding (2 bf16 steps) of each other."""
+    nets = [_net(0).to(torch.bfloat16)]
+    image = 3 * torch.randn(1, 1, *shape)
+    with torch.no_grad():
+        want = _old(nets, image, roi, axes, dtype=torch.bfloat16)[0].float()
+    labels, _ = SlabStitcher(nets, [roi], [axes], 3, 0.5, dtype=torch.bfloat16).labels_and_probs(image)
+    differ = labels[0, 0].long() != want.argmax(0)
+    best = want.max(0).values
+    chosen = want.gather(0, labels[0].long())[0]
+    assert differ.float().mean() < 0.01
+    assert torch.all((best - chosen)[differ] <= best[differ] * 2**-6)
+
+
+def test_held_sums_do_not_grow_with_length():
+    """The sums held at once are the same for a scan three times longer, and within `live_shape`."""
+    net, roi = _net(0), (12, 10, 16)
+    held = {}
+    for depth in (48, 144):
+        stitcher = SlabStitcher([net], [roi], [(2,)], 3, 0.5)
+        most = 0
+        for _ in stitcher.slabs(torch.randn(1, 1, 20, 18, depth)):
+            most = max(most, stitcher.held())
+        held[depth] = most
+        bound = torch.Size(live_shape((20, 18, depth), [roi], [(2,)])).numel() * (CLASSES + 1)
+        assert 0 < most <= bound
+    assert held[48] == held[144]
+
+
+def test_labels_take_int16_beyond_256_classes():
+    assert label_dtype(256) == torch.uint8 and label_dtype(257) == torch.int16
+    net = torch.nn.Conv3d(1, 300, 1).eval()
+    with torch.no_grad():
+        net.bias.copy_(torch.arange(300.0) / 300)  # the last class wins everywhere
+        net.weight.zero_()
+    labels, _ = SlabStitcher([net], [(8, 8, 8)], [()], 2).labels_and_probs(torch.randn(1, 1, 8, 8, 20))
+    assert labels.dtype == torch.int16 and bool((labels == 299).all())
+
+
+def test_refuses_mismatched_settings_and_batches():
+    with pytest.raises(ValueError, match="one roi and one mirror_axes per net"):
+        SlabStitcher([_net(0)], [(8, 8, 8)] * 2, [()])
+    with pytest.raises(ValueError, match="one image at a time"):
+        next(SlabStitcher([_net(0)], [(8, 8, 8)], [()]).slabs(torch.randn(2, 1, 8, 8, 8)))
