@@ -78,14 +78,20 @@ def roi_for(size: tuple[int, ...], roi: int) -> tuple[int, ...]:
     return tuple(min(roi, -(-s // 8) * 8) for s in size)
 
 
-def unet(num_classes: int = 3) -> torch.nn.Module:
-    from hydra.utils import instantiate
+def unet_node(num_classes: int = 3):
+    """conf/model/unet.yaml's net for 1 input channel and `num_classes` classes (its `_target_` node)."""
     from omegaconf import OmegaConf
 
     node = OmegaConf.load(REPO_ROOT / "conf" / "model" / "unet.yaml").net
     node.in_channels, node.out_channels = 1, num_classes
+    return node
+
+
+def unet(num_classes: int = 3) -> torch.nn.Module:
+    from hydra.utils import instantiate
+
     torch.manual_seed(0)
-    return instantiate(node).eval()
+    return instantiate(unet_node(num_classes)).eval()
 
 
 def one_run(size: tuple[int, int, int], mode: str, roi: int, overlap: float, sw_batch: int, device: str) -> dict:

@@ -1,15 +1,16 @@
 """`python -m medseg.predict` on a tiny trained run, stitched slab by slab, against the whole-volume path it
 replaced (`sliding_window_probs` per model, averaged, argmax, Invertd), computed here."""
 
+import importlib.util
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from medseg.inference import postprocess
-from medseg.models.inference import probs_to_labels, sliding_window_probs
+from medseg import REPO_ROOT
 from medseg.precision.plugin import saved_state
-from medseg.predict import Predictor, net_input
+from medseg.predict import Predictor
 from medseg.train import train
 
 from .conftest import compose_cfg
@@ -45,29 +46,21 @@ def _long_scan(folder):
     return folder / "long.nii.gz"
 
 
-def _whole_volume_mask(predictor: Predictor, path) -> np.ndarray:
-    """The mask as `Predictor.predict_case` made it before slab stitching."""
-    data = predictor.preprocess({"image": str(path)})
-    x = net_input(data, predictor.dtype, predictor.device)
-    with torch.no_grad():
-        probs = [
-            sliding_window_probs(
-                net, x, roi, predictor.sw_batch_size, predictor.overlap, mirror_axes=axes, dtype=predictor.dtype
-            )  # fmt: skip
-            for net, roi, axes in zip(predictor.nets, predictor.rois, predictor.mirror_axes, strict=True)
-        ]
-    total = probs[0]
-    for p in probs[1:]:
-        total = total.add_(p)
-    total = total.div_(len(probs)) if len(probs) > 1 else total
-    labels = probs_to_labels(total)[0]
-    pred = predictor.invert({"image": data["image"], "pred": predictor._with_record(labels.float(), data["image"])})
-    return np.asarray(postprocess.keep_largest(pred["pred"], [])[0]).round().astype(np.uint8)
+def _scale():
+    """benchmarks/scale.py as a module: its `whole_volume_mask` is the path before slab stitching."""
+    spec = importlib.util.spec_from_file_location("bench_scale", REPO_ROOT / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize(
     ("dtype", "models", "mirror"),
-    [("fp32", 1, "[2]"), pytest.param("fp32", 2, "[0,1,2]", marks=pytest.mark.slow), ("bf16", 1, "[2]")],
+    [
+        ("fp32", 1, "[2]"),
+        pytest.param("fp32", 2, "[0,1,2]", marks=pytest.mark.slow),
+        pytest.param("bf16", 1, "[2]", marks=pytest.mark.slow),
+    ],
 )
 def test_cli_masks_equal_whole_volume_masks(two_checkpoints, tmp_path, dtype, models, mirror):
     """fp32, a 2-checkpoint ensemble with 8 flips: the same mask. bf16: sums round in another order, so a voxel
@@ -86,7 +79,7 @@ def test_cli_masks_equal_whole_volume_masks(two_checkpoints, tmp_path, dtype, mo
                           dtype=dtype, **settings)  # fmt: skip
     data = predictor.preprocess({"image": str(src)})
     assert max(data["image"].shape[1:]) > 2 * max(predictor.rois[0])  # several slabs along Z
-    want = _whole_volume_mask(predictor, src)
+    want = _scale().whole_volume_mask(predictor, data)
     assert mask.shape == want.shape == (30, 26, 110) and len(np.unique(want)) == 3
     if dtype == "fp32":
         np.testing.assert_array_equal(mask, want)
@@ -95,3 +88,12 @@ def test_cli_masks_equal_whole_volume_masks(two_checkpoints, tmp_path, dtype, mo
         dice = [2 * ((mask == c) & (want == c)).sum() / ((mask == c).sum() + (want == c).sum()) for c in (1, 2)]
         print(f"bf16: {differ:.2e} of the voxels differ; Dice per class {dice}")
         assert differ < 1e-3 and min(dice) >= 0.999, (differ, dice)
+
+
+@pytest.mark.slow  # two fresh processes: ~20 s alone, minutes on a loaded machine
+def test_scale_benchmark_prints_whole_and_slab_rows(tmp_path, capsys):
+    """The prediction table at a tiny size: both paths, identical masks in fp32, a peak for each."""
+    rows = _scale().main(["predict", "--smoke", "--classes", "5", "--dtypes", "fp32", "--work", str(tmp_path)])
+    assert [r["path"] for r in rows] == ["whole", "slab"] and all(r["peak_mib"] > 0 for r in rows), rows
+    assert rows[-1]["differ"] == f"0 of {64 * 64 * 80}"
+    assert "| 80 | 35x35x54 | 5 | fp32 | slab |" in capsys.readouterr().out

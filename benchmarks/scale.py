@@ -1,0 +1,233 @@
+"""Whole-body scale benchmark (issue 22): TotalSegmentator-like CT, and prediction peak memory and time against
+classes and slices, the whole-volume path (`sliding_window_probs`, before slab stitching) vs slab stitching.
+
+    PYTHONPATH=. python benchmarks/scale.py generate --out DIR --cases 4 --shape 512x512x300 [--classes 118]
+    PYTHONPATH=. python benchmarks/scale.py predict                   # classes 3 26 118 x slices 300 1000 x bf16 fp32
+    PYTHONPATH=. python benchmarks/scale.py predict --classes 118 --slices 1000 --paths slab   # the issue's target
+    PYTHONPATH=. python benchmarks/scale.py predict --smoke           # 64 x 64 x 80, 3 and 8 classes: end to end
+
+`generate`: an MSD folder of CT cases (`medseg.data.synthetic.write_ct_dataset`: HU intensities, 117 organ-like
+classes, CT affines, 0.8 x 0.8 x 1.5 mm unless `--spacing`). `predict`: per slice count one 512 x 512 x S CT
+(`--xy`, `--spacing`, default 0.8 x 0.8 x 1.0 mm as the issue's 1000-slice scan) and per class count a randomly
+initialised U-Net checkpoint (conf/model/unet.yaml, `benchmarks/predict.py`'s net, seed 0) trained, as it were, at
+1.5 mm with a `--roi` cubed patch, predicted as `medseg.predict` predicts one case (`Predictor`: load, preprocess,
+stitch, argmax, Invertd of the label map back to 512 x 512 x S; no mirroring, no postprocessing). Every
+(slices, classes, dtype, path) runs in a fresh process; peak = that process' peak RSS (`ru_maxrss`, everything
+included: Python, torch, the image as loaded), `predict peak` = the peak after preprocessing (VmHWM reset through
+/proc/self/clear_refs). The whole-volume path is skipped where it would need more than `--max-gb` (its buffers:
+C + 1 channels of the preprocessed volume). `differ`: voxels whose class differs between the two paths.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # a folder of scripts: the sibling script, also when imported
+from predict import DTYPES, cpu_name, load_avg, parse_size, unet, unet_node  # noqa: E402
+
+from medseg.data.synthetic import write_ct_dataset  # noqa: E402
+from medseg.tracking.tables import markdown_table  # noqa: E402
+
+TARGET_SPACING = 1.5  # mm, the prediction grid
+CT_CLASSES = 118  # TotalSegmentator's 117 structures + background
+
+
+def peak_mib() -> float:
+    """This process' VmHWM (peak RSS since the last `reset_peak`), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def random_checkpoint(path: Path, num_classes: int, roi: int) -> Path:
+    """A medseg checkpoint of `benchmarks/predict.py`'s random U-Net for CT at 1.5 mm, as `medseg.train` saves one
+    (`hyper_parameters.inference`: what `Predictor` reads)."""
+    from omegaconf import OmegaConf
+
+    if path.is_file():
+        return path
+    inference = {
+        "net": OmegaConf.to_container(unet_node(num_classes), resolve=True),
+        "spacing": [TARGET_SPACING] * 3,
+        "modality": "CT",
+        "patch_size": [roi] * 3,
+        "ct_window": [-1000.0, 1000.0],
+        "label_names": ["background", *(f"organ_{c:03d}" for c in range(1, num_classes))],
+    }
+    state = {f"net.{k}": v for k, v in unet(num_classes).state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"inference": inference, "test_mirror_axes": []}}, path)
+    return path
+
+
+def whole_volume_mask(predictor, data: dict) -> np.ndarray:
+    """The mask as `Predictor.predict_case` made it before slab stitching: each model's whole-volume probabilities
+    (`sliding_window_probs`, C channels of the whole volume), averaged, argmax, Invertd; no postprocessing."""
+    from medseg.models.inference import probs_to_labels, sliding_window_probs
+    from medseg.predict import net_input
+
+    x = net_input(data, predictor.dtype, predictor.device)
+    total = None
+    with torch.no_grad():
+        for net, roi, axes in zip(predictor.nets, predictor.rois, predictor.mirror_axes, strict=True):
+            probs = sliding_window_probs(net, x, roi, predictor.sw_batch_size, predictor.overlap, mirror_axes=axes,
+                                         dtype=predictor.dtype)  # fmt: skip
+            total = probs if total is None else total.add_(probs)
+    del x
+    total = total.div_(len(predictor.nets)) if len(predictor.nets) > 1 else total
+    labels = probs_to_labels(total)[0]
+    del total, probs
+    record = data["image"]
+    pred = predictor.invert({"image": record, "pred": predictor._with_record(labels.float(), record)})["pred"]
+    return np.asarray(pred[0]).round().astype(np.uint8)
+
+
+def one_run(ckpt: str, image: str, dtype: str, path: str, sw_batch: int, overlap: float, mask_out: str) -> dict:
+    """Worker: one case predicted by one path in this fresh process; times, peaks, and its mask saved."""
+    from medseg.predict import Predictor
+
+    predictor = Predictor(ckpt, "cpu", sw_batch, overlap, mirror_axes=[], dtype=dtype, postprocessing="none")
+    start = time.perf_counter()
+    data = predictor.preprocess({"image": image})
+    shape = list(data["image"].shape[1:])
+    loaded = time.perf_counter()
+    load_peak = peak_mib()
+    reset_peak()
+    mask = predictor.predict_case(data)[0] if path == "slab" else whole_volume_mask(predictor, data)
+    done = time.perf_counter()
+    np.save(mask_out, mask)
+    return {"load_s": loaded - start, "predict_s": done - loaded, "seconds": done - start, "shape": shape,
+            "load_peak_mib": load_peak, "predict_peak_mib": peak_mib(),
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+
+
+def ct_image(work: Path, xy: int, slices: int, spacing: tuple[float, ...]) -> Path:
+    """One CT of xy x xy x slices (generated once per work folder)."""
+    root = work / f"ct_{xy}x{xy}x{slices}_{'x'.join(map(str, spacing))}"
+    if not (root / "dataset.json").is_file():
+        write_ct_dataset(root, 1, CT_CLASSES, (xy, xy, slices), spacing, seed=slices)
+    return root / "imagesTr" / "ct_0000.nii.gz"
+
+
+def whole_volume_gib(xy: int, slices: int, spacing: tuple[float, ...], classes: int, dtype: str) -> float:
+    voxels = np.prod([n * s / TARGET_SPACING for n, s in zip((xy, xy, slices), spacing, strict=True)])
+    return float((classes + 1) * voxels * torch.empty((), dtype=DTYPES[dtype]).element_size() / 2**30)
+
+
+def predict(args: argparse.Namespace) -> list[dict]:
+    work = Path(args.work or tempfile.mkdtemp(prefix="medseg_scale_"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for slices in args.slices:
+        image = ct_image(work, args.xy, slices, args.spacing)
+        for classes in args.classes:
+            ckpt = random_checkpoint(work / f"unet_{classes}_{args.roi}.ckpt", classes, args.roi)
+            for dtype in args.dtypes:
+                masks = {}
+                for path in args.paths:
+                    row = {"slices": slices, "classes": classes, "dtype": dtype, "path": path}
+                    need = whole_volume_gib(args.xy, slices, args.spacing, classes, dtype)
+                    if path == "whole" and need > args.max_gb:
+                        rows.append({**row, "note": f"skipped: needs ~{need:.0f} GiB"})
+                        continue
+                    mask = work / f"mask_{slices}_{classes}_{dtype}_{path}.npy"
+                    cmd = [sys.executable, __file__, "_one", str(ckpt), str(image), dtype, path, str(args.sw_batch),
+                           str(args.overlap), str(mask)]  # fmt: skip
+                    before = load_avg()
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        rows.append({**row, "note": f"failed: {out.stderr.strip().splitlines()[-1][:80]}"})
+                        print(out.stderr[-2000:], file=sys.stderr)
+                        continue
+                    result = json.loads(out.stdout.strip().splitlines()[-1])
+                    rows.append({**row, **result, "load": f"{before} -> {load_avg()}"})
+                    masks[path] = mask
+                    print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+                if len(masks) == 2:
+                    a, b = (np.load(m) for m in masks.values())
+                    rows[-1]["differ"] = f"{int((a != b).sum())} of {a.size}"
+                for m in masks.values():
+                    m.unlink()
+    print(f"\n{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.xy} x {args.xy} x S "
+          f"CT at {' x '.join(map(str, args.spacing))} mm predicted at {TARGET_SPACING} mm, U-Net {args.roi}^3 "
+          f"windows, overlap {args.overlap}, {args.sw_batch} a batch; one fresh process per row\n")  # fmt: skip
+    whole = {(r["slices"], r["classes"], r["dtype"]): r for r in rows if r["path"] == "whole" and "seconds" in r}
+    table = []
+    for r in rows:
+        ref = whole.get((r["slices"], r["classes"], r["dtype"]))
+        timed = "seconds" in r
+        table.append({
+            "slices": r["slices"], "net grid": "x".join(map(str, r.get("shape", []))), "classes": r["classes"],
+            "dtype": r["dtype"], "path": r["path"], "s/case": r.get("seconds"), "load s": r.get("load_s"),
+            "predict s": r.get("predict_s"), "peak MiB": r.get("peak_mib"),
+            "predict peak MiB": r.get("predict_peak_mib"),
+            "time / whole": r["seconds"] / ref["seconds"] if timed and ref else None,
+            "peak / whole": r["peak_mib"] / ref["peak_mib"] if timed and ref else None,
+            "differ": r.get("differ", ""), "note": r.get("note", ""),
+        })  # fmt: skip
+    print(markdown_table(table))
+    return rows
+
+
+def generate(args: argparse.Namespace) -> Path:
+    start = time.perf_counter()
+    root = write_ct_dataset(args.out, args.cases, args.classes, args.shape, args.spacing, args.seed)
+    print(f"wrote {args.cases} case(s) of {args.shape} to {root} in {time.perf_counter() - start:.0f} s")
+    return root
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_one":
+        ckpt, image, dtype, path, sw_batch, overlap, mask = argv[1:]
+        result = one_run(ckpt, image, dtype, path, int(sw_batch), float(overlap), mask)
+        print(json.dumps(result))
+        return result
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cases", type=int, default=4)
+    p.add_argument("--shape", type=parse_size, default=(512, 512, 300))
+    p.add_argument("--classes", type=int, default=CT_CLASSES)
+    p.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 1.5))
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("predict")
+    p.add_argument("--classes", type=int, nargs="+", help="default 3 26 118 (--smoke: 3 8)")
+    p.add_argument("--slices", type=int, nargs="+", default=[300, 1000])
+    p.add_argument("--xy", type=int, default=512)
+    p.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 1.0))
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    p.add_argument("--paths", nargs="+", default=["whole", "slab"], choices=["whole", "slab"])
+    p.add_argument("--roi", type=int, default=128)
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--sw-batch", type=int, default=2)
+    p.add_argument("--max-gb", type=float, default=16.0, help="skip the whole-volume path above this estimate")
+    p.add_argument("--work", help="folder for the CT images and checkpoints (kept, reused); default a temp folder")
+    p.add_argument("--smoke", action="store_true", help="64 x 64 x 80, 3 and 8 classes, 32^3 windows")
+    args = parser.parse_args(argv)
+    if args.command == "predict" and args.smoke:
+        args.xy, args.slices, args.roi = 64, [80], 32
+    if args.command == "predict" and not args.classes:
+        args.classes = [3, 8] if args.smoke else [3, 26, 118]
+    return {"generate": generate, "predict": predict}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()
