@@ -4,10 +4,10 @@ scan's length.
 `medseg.models.inference.sliding_window_probs` (MONAI's `sliding_window_inference`) holds the C class channels of
 the whole volume, once more per flip: 118 classes on 273 x 273 x 667 voxels (a 512 x 512 x 1000 CT at 1.5 mm) are
 11.7 GB in BF16. Here the windows of every pass (one net, one flip) are visited in the order of their start along
-the longest axis. The axis is cut at every window start; a slab between two cuts is finished when no remaining
-window touches it, and leaves (softmax, flips and models averaged, then argmax, and the probabilities only when
-asked for) before the windows of the next slab run. Each pass sums its windows into chunks, one per slab, made when
-a window first reaches them and dropped when their slab leaves: at most about (roi + one window step) planes of
+the longest axis. The axis is cut wherever a window starts or ends; a slab between two cuts is finished when no
+remaining window touches it, and leaves (softmax, flips and models averaged, then argmax, and the probabilities only
+when asked for) before the windows of the next slab run. Each pass sums its windows into chunks, one per slab, made when
+a window first reaches them and dropped when their slab leaves: at most one window's depth of planes of
 (C + 1) channels per pass, whatever the scan's length.
 
 MONAI's own `buffer_steps`/`buffer_dim` option buffers slabs on the window device but still writes into a
@@ -44,10 +44,10 @@ def live_shape(
     shape: Sequence[int], rois: Sequence[Sequence[int]], mirror_axes: Sequence[Sequence[int]]
 ) -> tuple[int, ...]:
     """A bound on the voxels of the sums `SlabStitcher` holds at once for an image of spatial `shape`, as a shape:
-    along the slab axis, per pass (net and flip) at most two windows' depth (a window, and the slab it overruns)."""
+    along the slab axis, one window's depth per pass (net and flip)."""
     axis = slab_axis(shape)
     passes = [(len(mirror_flips(axes)), roi[axis]) for roi, axes in zip(rois, mirror_axes, strict=True)]
-    planes = sum(n * min(int(shape[axis]), 2 * int(r)) for n, r in passes)
+    planes = sum(n * min(int(shape[axis]), int(r)) for n, r in passes)
     return tuple(planes if a == axis else int(s) for a, s in enumerate(shape))
 
 
@@ -107,9 +107,10 @@ class _Pass:
             int, tuple[torch.Tensor, torch.Tensor]
         ] = {}  # slab -> (sums (1, C, ...), weights (1, 1, ...))
 
-    def starts(self) -> set[int]:
-        """The window starts along the slab axis, in original coordinates."""
-        return {w[self.axis] - self.pad[self.axis][0] for w in self.windows}
+    def edges(self) -> set[int]:
+        """Where windows start and end along the slab axis, in original coordinates."""
+        starts = {w[self.axis] - self.pad[self.axis][0] for w in self.windows}
+        return starts | {s + self.roi[self.axis] for s in starts}
 
     def chunk_range(self, index: int) -> tuple[int, int]:
         """Slab `index`'s planes in padded coordinates; the first and last also take the padding planes."""
@@ -236,9 +237,10 @@ class SlabStitcher:
             [_Pass(net, image, roi, dims, self.overlap, self.mode, axis, sw_device, device) for dims in flips]
             for net, roi, flips in zip(self.nets, self.rois, self.flips, strict=True)
         ]
-        # cut at every window start of every pass: a slab is finished as soon as the windows reaching it have run
-        starts = set().union(*(p.starts() for model in passes for p in model))
-        cuts = sorted(s for s in starts if 0 < s < spatial[axis]) + [spatial[axis]]
+        # cut where any window starts (a slab is finished as soon as the windows reaching it have run) or ends (so
+        # no chunk reaches past the windows run so far: at most one window's depth is held per pass)
+        edges = set().union(*(p.edges() for model in passes for p in model))
+        cuts = sorted(s for s in edges if 0 < s < spatial[axis]) + [spatial[axis]]
         for model in passes:
             for p in model:
                 p.cuts = cuts
