@@ -79,7 +79,7 @@ def whole_volume_mask(predictor, data: dict) -> np.ndarray:
     """The mask as `Predictor.predict_case` made it before slab stitching: each model's whole-volume probabilities
     (`sliding_window_probs`, C channels of the whole volume), averaged, argmax, Invertd; no postprocessing."""
     from medseg.models.inference import probs_to_labels, sliding_window_probs
-    from medseg.predict import net_input
+    from medseg.inference.predictor import net_input
 
     x = net_input(data, predictor.dtype, predictor.device)
     total = None
@@ -99,7 +99,7 @@ def whole_volume_mask(predictor, data: dict) -> np.ndarray:
 
 def one_run(ckpt: str, image: str, dtype: str, path: str, sw_batch: int, overlap: float, mask_out: str) -> dict:
     """Worker: one case predicted by one path in this fresh process; times, peaks, and its mask saved."""
-    from medseg.predict import Predictor
+    from medseg.inference.predictor import Predictor
 
     predictor = Predictor(ckpt, "cpu", sw_batch, overlap, mirror_axes=[], dtype=dtype, postprocessing="none")
     start = time.perf_counter()
