@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from medseg import REPO_ROOT
-from medseg.precision.plugin import saved_state
 from medseg.inference.predictor import Predictor
+from medseg.precision.plugin import saved_state
 from medseg.train import train
 
 from .conftest import compose_cfg
