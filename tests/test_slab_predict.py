@@ -10,7 +10,7 @@ import torch
 
 from medseg import REPO_ROOT
 from medseg.inference.predictor import Predictor
-from medseg.precision.plugin import saved_state
+from medseg.precision.state import saved_state
 from medseg.train import train
 
 from .conftest import compose_cfg
