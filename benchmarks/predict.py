@@ -99,7 +99,7 @@ def one_run(size: tuple[int, int, int], mode: str, roi: int, overlap: float, sw_
     from monai.data import MetaTensor
 
     from medseg.inference.predictor import net_input
-    from medseg.models.inference import probs_to_labels, sliding_window_probs
+    from medseg.models.sliding_window import probs_to_labels, sliding_window_probs
     from medseg.precision.convert import convert_net
 
     dev = torch.device(device)

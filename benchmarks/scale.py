@@ -79,7 +79,7 @@ def whole_volume_mask(predictor, data: dict) -> np.ndarray:
     """The mask as `Predictor.predict_case` made it before slab stitching: each model's whole-volume probabilities
     (`sliding_window_probs`, C channels of the whole volume), averaged, argmax, Invertd; no postprocessing."""
     from medseg.inference.predictor import net_input
-    from medseg.models.inference import probs_to_labels, sliding_window_probs
+    from medseg.models.sliding_window import probs_to_labels, sliding_window_probs
 
     x = net_input(data, predictor.dtype, predictor.device)
     total = None

@@ -25,7 +25,7 @@ from medseg.deploy.onnx_model import run_onnx, to_onnx
 from medseg.deploy.torchscript import to_torchscript
 from medseg.deploy.trained import TrainedModel, load_trained
 from medseg.export import main as export_main
-from medseg.models.inference import sliding_window_probs
+from medseg.models.sliding_window import sliding_window_probs
 from medseg.predict import predict
 from medseg.train import train
 

@@ -16,8 +16,8 @@ from medseg.config_check import ConfigError
 from medseg.evaluate import evaluate
 from medseg.inference import postprocess
 from medseg.inference.cases import save_mask
-from medseg.inference.precision import stitch_device
-from medseg.models.inference import mirror_flips, sliding_window_probs
+from medseg.inference.stitch_device import stitch_device
+from medseg.models.sliding_window import mirror_flips, sliding_window_probs
 from medseg.precision.state import saved_state
 from medseg.predict import CasesFailed, Predictor, predict
 from medseg.reliability.atomic_io import write_atomic
@@ -184,7 +184,7 @@ def _predict_case_keeping_the_image(predictor, data, with_probs):
     """`Predictor.predict_case` as it was before it released the FP32 image: the whole image kept for Invertd."""
     from monai.data import MetaTensor
 
-    from medseg.models.inference import probs_to_labels
+    from medseg.models.sliding_window import probs_to_labels
 
     image = data["image"]
     probs = predictor.probs(image.unsqueeze(0))

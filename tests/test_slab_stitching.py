@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medseg.inference.slab_stitching import SlabStitcher, label_dtype, live_shape, slab_axis
-from medseg.models.inference import probs_to_labels, sliding_window_probs
+from medseg.models.sliding_window import probs_to_labels, sliding_window_probs
 
 CLASSES = 6
 

@@ -4,7 +4,7 @@ prediction as a MONAI Inferer, and the loop over the cases.
 Self-contained on purpose: it imports only torch and MONAI, so a bundle runs where medseg is not installed, and
 without pytorch-ignite (MONAI's evaluators need it). tests/test_export.py checks that it imports nothing from
 medseg. The inferer computes what
-`medseg.models.inference.sliding_window_probs` computes in FP32, in the same order, so the bundle's masks equal
+`medseg.models.sliding_window.sliding_window_probs` computes in FP32, in the same order, so the bundle's masks equal
 `medseg.predict dtype=fp32`'s (tested bit for bit against it).
 """
 

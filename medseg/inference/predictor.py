@@ -16,9 +16,9 @@ from medseg.checkpoint import CheckpointError, fp32_net_state, load_checkpoint
 from medseg.data.transforms import preprocess
 from medseg.inference import postprocess
 from medseg.inference.ensemble import check_compatible, checkpoint_paths
-from medseg.inference.precision import stitch_device
 from medseg.inference.slab_stitching import SlabStitcher, live_shape
-from medseg.models.inference import mirror_flips
+from medseg.inference.stitch_device import stitch_device
+from medseg.models.sliding_window import mirror_flips
 from medseg.precision.convert import convert_net
 from medseg.precision.dtypes import inference_dtype
 from medseg.precision.precision_plan import PrecisionPlanError, saved_fp32_modules
@@ -111,7 +111,7 @@ class Predictor:
     def stitch(self, image: torch.Tensor, keep_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Class indices (1, 1, X, Y, Z) of a preprocessed image (1, C_in, X, Y, Z) and, with `keep_probs`, its
         ensemble-mean probabilities (1, C, X, Y, Z) in `self.dtype`, stitched slab by slab
-        (`medseg.inference.slab_stitching`), on the stitching device (`medseg.inference.precision.stitch_device`)."""
+        (`medseg.inference.slab_stitching`), on the stitching device (`inference.stitch_device`)."""
         image = image.to(self.device)
         stitcher = SlabStitcher(self.nets, self.rois, self.mirror_axes, self.sw_batch_size, self.overlap,
                                 dtype=self.dtype, device=self._buffers(image, keep_probs))  # fmt: skip

@@ -1,7 +1,7 @@
 """Sliding-window prediction stitched slab by slab along the longest axis: memory that does not grow with the
 scan's length.
 
-`medseg.models.inference.sliding_window_probs` (MONAI's `sliding_window_inference`) holds the C class channels of
+`medseg.models.sliding_window.sliding_window_probs` (MONAI's `sliding_window_inference`) holds the C class channels of
 the whole volume, once more per flip: 118 classes on 273 x 273 x 667 voxels (a 512 x 512 x 1000 CT at 1.5 mm) are
 11.7 GB in BF16. Here the windows of every pass (one net, one flip) are visited in the order of their start along
 the longest axis. The axis is cut wherever a window starts or ends; a slab between two cuts is finished when no
@@ -30,7 +30,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers.utils import _get_scan_interval  # the grid sliding_window_inference uses, not a copy of it
 from monai.utils import ensure_tuple_rep, fall_back_tuple
 
-from medseg.models.inference import mirror_flips, softmax_
+from medseg.models.sliding_window import mirror_flips, softmax_
 
 Net = Callable[[torch.Tensor], torch.Tensor]
 
@@ -185,7 +185,7 @@ class SlabStitcher:
 
     Args:
         nets: callables mapping windows (N, C_in, *roi) to logits (N, C, *roi), in `dtype` (see
-            `medseg.inference.precision.convert_net`).
+            `medseg.precision.convert.convert_net`).
         rois: one window size per net.
         mirror_axes: per net, the spatial axes (0, 1, 2) whose flips are averaged.
         dtype: windows, sums and probabilities (None: the image's dtype; probabilities float32), as

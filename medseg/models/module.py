@@ -15,8 +15,8 @@ from medseg.inference import postprocess
 from medseg.models.channels_last import to_channels_last
 from medseg.models.class_dice import ClassDice
 from medseg.models.class_table import log_class_table
-from medseg.models.inference import mirror_flips, sliding_window_probs
 from medseg.models.loss import deep_supervision_loss
+from medseg.models.sliding_window import mirror_flips, sliding_window_probs
 from medseg.precision.convert import convert_net
 from medseg.precision.dtypes import inference_dtype
 from medseg.precision.precision_plan import saved_fp32_modules
