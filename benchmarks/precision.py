@@ -248,18 +248,23 @@ def synthetic_batches(
     return batches
 
 
+def model_config(model: str) -> Any:
+    """`conf/model/<model>.yaml` as Hydra composes it: its base (conf/model_base/) with the file's own keys over it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose(config_name=f"model/{model}").model
+
+
 def build_module(
     model: str, patch: int, fused: bool = False, channels_last: bool = False, compile: bool = False
 ) -> pl.LightningModule:
     """medseg's SegmentationModule from `conf/model/<model>.yaml` (net, loss, optimizer, schedule as users get);
     `fused` sets the optimizer's `fused=True` (one kernel per step for all parameters); `channels_last` and
     `compile` are the module's own options (`model.channels_last`, `model.compile`)."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    # the model file as Hydra composes it: its base (conf/model_base/) with the file's own keys over it
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name=f"model/{model}").model
+    cfg = model_config(model)
     cfg.net.in_channels, cfg.net.out_channels = 1, len(LABEL_NAMES)
     if fused:
         cfg.optimizer.fused = True

@@ -50,7 +50,6 @@ def medseg_step(config: dict, dataset: dict, mode: str, steps: int, warmup: int)
     import lightning.pytorch as pl
     from hydra.utils import instantiate
     from monai.networks.nets import DynUNet
-    from omegaconf import OmegaConf
 
     bench = _precision_bench()
     arch = config["architecture"]["arch_kwargs"]
@@ -69,7 +68,7 @@ def medseg_step(config: dict, dataset: dict, mode: str, steps: int, warmup: int)
         deep_supervision=True,
         deep_supr_num=len(strides) - 2,  # an output at every decoder level but the lowest, as nnU-Net's
     )
-    cfg = OmegaConf.load(REPO_ROOT / "conf" / "model" / "dynunet.yaml")
+    cfg = bench.model_config("dynunet")
     loss, optimizer, scheduler = instantiate(cfg.loss), instantiate(cfg.optimizer), instantiate(cfg.scheduler)
     names = [str(i) for i in range(classes)]
     module = SegmentationModule(
