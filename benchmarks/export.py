@@ -20,7 +20,7 @@ import torch
 
 from medseg.deploy.bundle_runtime import MirroredSlidingWindowInferer, OnnxNetwork
 from medseg.deploy.onnx_model import to_onnx
-from medseg.deploy.torchscript import to_torchscript
+from medseg.deploy.torchscript import LowPrecisionNet, to_torchscript
 from medseg.deploy.trained import load_trained
 from medseg.inference.ensemble import checkpoint_paths
 from medseg.predict import Predictor, list_inputs
@@ -32,6 +32,7 @@ def backends(ckpt: str, folder: Path) -> dict:
     model = load_trained(ckpt)
     example = model.example_input(batch=2)
     script, how = to_torchscript(model.net, example)
+    script_bf16, how_bf16 = to_torchscript(LowPrecisionNet(model.net, torch.bfloat16, model.fp32_modules), example)
     onnx = OnnxNetwork(str(to_onnx(model.net, example, folder / "model.onnx")))
     inferer = MirroredSlidingWindowInferer(
         model.info["patch_size"], model.sw_batch_size, model.overlap, mirror_axes=model.mirror_axes
@@ -41,6 +42,7 @@ def backends(ckpt: str, folder: Path) -> dict:
         "pytorch fp32": fp32.probs,
         "pytorch bf16": bf16.probs,
         f"torchscript ({how})": lambda image: inferer(image, script),
+        f"torchscript bf16 ({how_bf16}; `--dtype bf16`)": lambda image: inferer(image, script_bf16),
         "onnxruntime": lambda image: inferer(image, onnx),
     }, fp32.preprocess
 

@@ -2,6 +2,7 @@
 
 python -m medseg.export <run folder or checkpoint> --format bundle --out <folder>   # MONAI bundle (TorchScript)
 python -m medseg.export <run folder or checkpoint> --format onnx --out <folder>     # the same, net in ONNX
+python -m medseg.export <run folder or checkpoint> --dtype bf16 --out <folder>      # TorchScript computing in BF16
 
 A run folder exports its best checkpoint (as `medseg.predict` picks it); weights are the FP32 masters of a
 `+precision=mixed` run. Preprocessing, mirroring and postprocessing are those `medseg.predict` applies by default.
@@ -29,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace a folder that is not empty")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="the TorchScript net's compute dtype (bf16: as medseg.predict runs on a CPU; fp16: on a GPU)",
+    )
+    parser.add_argument(
         "--allow-unsafe-checkpoint",
         action="store_true",
         help="unpickle a checkpoint that needs it (it can run code: only for checkpoints you made yourself)",
@@ -39,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def export(args: argparse.Namespace) -> Path:
     model = load_trained(args.ckpt, allow_unsafe=args.allow_unsafe_checkpoint)
     network = "onnx" if args.format == "onnx" else "torchscript"
-    return write_bundle(model, args.out, overwrite=args.overwrite, network=network, opset=args.opset)
+    return write_bundle(model, args.out, overwrite=args.overwrite, network=network, opset=args.opset, dtype=args.dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

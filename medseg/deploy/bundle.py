@@ -22,8 +22,9 @@ import torch
 
 from medseg.deploy import bundle_runtime
 from medseg.deploy.onnx_model import to_onnx
-from medseg.deploy.torchscript import to_torchscript
+from medseg.deploy.torchscript import LowPrecisionNet, to_torchscript
 from medseg.deploy.trained import TrainedModel
+from medseg.precision.dtypes import DTYPES
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 INFERER = "scripts.runtime.MirroredSlidingWindowInferer"
@@ -215,10 +216,21 @@ def metadata(model: TrainedModel, exported_as: str) -> dict:
 
 
 def write_bundle(
-    model: TrainedModel, out: Path, overwrite: bool = False, network: str = "torchscript", opset: int | None = None
+    model: TrainedModel,
+    out: Path,
+    overwrite: bool = False,
+    network: str = "torchscript",
+    opset: int | None = None,
+    dtype: str = "fp32",
 ) -> Path:
     """Write the bundle folder `out` whole or not at all (built beside it, then renamed). Returns `out`.
-    `network`: "torchscript" (models/model.ts) or "onnx" (models/model.onnx, run by ONNX Runtime; `opset`)."""
+    `network`: "torchscript" (models/model.ts) or "onnx" (models/model.onnx, run by ONNX Runtime; `opset`).
+    `dtype`: "fp32", or "bf16"/"fp16" for a TorchScript net computing in that dtype (`LowPrecisionNet`; on a CPU,
+    BF16 is what `medseg.predict` uses by default: benchmarks/RESULTS.md, "Export (bundle, ONNX)")."""
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
+    if dtype != "fp32" and network != "torchscript":
+        raise ValueError(f"--dtype {dtype} is for --format bundle (TorchScript); the ONNX export is FP32")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out}: a folder that is not empty; choose another or pass --overwrite")
@@ -231,7 +243,9 @@ def write_bundle(
             to_onnx(model.net, model.example_input(batch=2), tmp / "models" / "model.onnx", opset)
             how = "onnx"
         else:
-            module, how = to_torchscript(model.net, model.example_input(batch=2))
+            net = model.net if dtype == "fp32" else LowPrecisionNet(model.net, DTYPES[dtype], model.fp32_modules)
+            module, how = to_torchscript(net, model.example_input(batch=2))
+            how = how if dtype == "fp32" else f"{how} ({dtype})"
             torch.jit.save(module, str(tmp / "models" / "model.ts"))
         (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata(model, how), indent=2) + "\n")
         (tmp / "configs" / "inference.json").write_text(json.dumps(inference_config(model, network), indent=2) + "\n")

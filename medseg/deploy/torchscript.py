@@ -6,10 +6,14 @@ and SwinUNETR (Project-MONAI/MONAI #6823) are traced (tests/test_export.py). Eve
 net on two batch sizes, since a sliding window's last batch may hold fewer windows.
 """
 
+import copy
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from medseg.precision.convert import convert_net
 
 log = logging.getLogger(__name__)
 # Largest difference allowed between the TorchScript module's logits and the eager net's on the same input.
@@ -34,3 +38,17 @@ def to_torchscript(net: nn.Module, example: torch.Tensor) -> tuple[torch.jit.Scr
                     f"{batch.shape[0]}"
                 )
     return module, how
+
+
+class LowPrecisionNet(nn.Module):
+    """`net` computing in BF16/FP16 (the modules of its precision plan kept in FP32, as `medseg.predict dtype=bf16`
+    converts it) behind an FP32 interface: (B, C_in, *patch) float32 in, (B, C, *patch) float32 logits out, so the
+    bundle's inferer, sums and argmax stay as they are."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype, fp32_modules: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.net = convert_net(copy.deepcopy(net), dtype, fp32_modules).eval()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(self.dtype)).float()

@@ -12,6 +12,7 @@ from medseg import CONF_DIR
 from medseg.checkpoint import CheckpointError, fp32_net_state, load_checkpoint
 from medseg.inference import postprocess
 from medseg.inference.ensemble import checkpoint_paths
+from medseg.precision.precision_plan import saved_fp32_modules
 
 
 @dataclass
@@ -25,6 +26,7 @@ class TrainedModel:
     keep_largest: the classes whose largest connected component alone is kept (the test pass's decision; [] if
         it made none).
     sw_batch_size, overlap: sliding-window settings, `medseg.predict`'s defaults (conf/predict.yaml).
+    fp32_modules: the modules the checkpoint's precision plan keeps in FP32 (names as in the LightningModule).
     """
 
     path: Path
@@ -34,6 +36,7 @@ class TrainedModel:
     keep_largest: list[int]
     sw_batch_size: int
     overlap: float
+    fp32_modules: list[str]
 
     @property
     def in_channels(self) -> int:
@@ -69,4 +72,5 @@ def load_trained(ckpt_path: str | Path, allow_unsafe: bool = False) -> TrainedMo
         keep_largest=record["keep_largest"] if record else [],
         sw_batch_size=int(defaults.sw_batch_size),
         overlap=float(defaults.overlap),
+        fp32_modules=saved_fp32_modules(ckpt),
     )
