@@ -1,6 +1,6 @@
 """One trained model as it is exported: its FP32 net and everything `medseg.predict` would apply around it."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ class TrainedModel:
     keep_largest: list[int]
     sw_batch_size: int
     overlap: float
-    fp32_modules: list[str]
+    fp32_modules: list[str] = field(default_factory=list)
 
     @property
     def in_channels(self) -> int:
