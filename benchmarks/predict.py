@@ -49,9 +49,10 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def vm_rss_mib() -> float:
+def vm_rss_mib(field: str = "VmRSS") -> float:
+    """A memory field of /proc/self/status in MiB: `VmRSS` (resident now) or `VmHWM` (peak resident); nan elsewhere."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 

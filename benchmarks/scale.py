@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # a folder of scripts: the sibling script, also when imported
-from predict import DTYPES, cpu_name, load_avg, parse_size, unet, unet_node  # noqa: E402
+from predict import DTYPES, cpu_name, load_avg, parse_size, unet, unet_node, vm_rss_mib  # noqa: E402
 
 from medseg.data.synthetic import write_ct_dataset  # noqa: E402
 from medseg.tracking.tables import markdown_table  # noqa: E402
@@ -42,10 +42,7 @@ CT_CLASSES = 118  # TotalSegmentator's 117 structures + background
 
 def peak_mib() -> float:
     """This process' VmHWM (peak RSS since the last `reset_peak`), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return vm_rss_mib("VmHWM")
 
 
 def reset_peak() -> None:
