@@ -102,7 +102,7 @@ def print_summary(trainer: pl.Trainer, model, output_dir: str, best_ckpt: str) -
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     stage = "test" if "test/dice" in metrics else "val"
     # many-class runs log per-class values as a table, not keys (medseg.models.class_table): the module keeps them
-    for key, values in getattr(model, "per_class", {}).items():
+    for key, values in model.per_class.items():
         metrics.update({f"{key}/{name}": v for name, v in zip(model.label_names[1:], values, strict=True)})
     table = Table(title=f"Validation split, best checkpoint ({stage} pass)")
     table.add_column("class")
