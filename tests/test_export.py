@@ -371,3 +371,9 @@ def test_export_refuses_a_folder_that_is_not_empty_and_an_ensemble(one_channel_r
         export_main([str(runs), "--out", str(tmp_path / "ensemble")])
     err = capsys.readouterr().err
     assert "2 checkpoints (an ensemble)" in err and err.count("\n") == 1 and not (tmp_path / "ensemble").exists()
+    # a low-precision net is a TorchScript export; ONNX stays FP32: one line, nothing written
+    with pytest.raises(SystemExit):
+        export_main([str(run_dir), "--format", "onnx", "--dtype", "bf16", "--out", str(tmp_path / "onnx_bf16")])
+    err = capsys.readouterr().err
+    assert "--dtype bf16 is for --format bundle" in err and err.count("\n") == 1
+    assert not (tmp_path / "onnx_bf16").exists()
