@@ -16,7 +16,7 @@ from medseg.config_check import ConfigError
 from medseg.evaluate import evaluate
 from medseg.inference import postprocess
 from medseg.inference.cases import save_mask
-from medseg.inference.stitch_device import stitch_device
+from medseg.inference.stitch_device import WINDOW_BATCH_BYTES, stitch_device, window_batch
 from medseg.models.sliding_window import mirror_flips, sliding_window_probs
 from medseg.precision.state import saved_state
 from medseg.predict import CasesFailed, Predictor, predict
@@ -438,6 +438,14 @@ def test_stitch_device_rule():
     assert stitch_device(cuda, (512, 512, 256), 3, torch.float16, free_bytes=4 * need + 1) == cuda
     assert stitch_device(cuda, (512, 512, 256), 3, torch.float16, free_bytes=4 * need - 1) == cpu
     assert stitch_device(cuda, (512, 512, 256), 3, torch.float32, free_bytes=4 * need + 1) == cpu  # twice the bytes
+
+
+def test_window_batch_shrinks_only_for_many_class_windows():
+    # 118 classes x 128^3 in BF16: 495 MB of logits a window, so one at a time; 3 classes keep the batch asked for
+    assert window_batch(4, 118, [(128, 128, 128)], torch.bfloat16) == 1
+    assert window_batch(4, 3, [(128, 128, 128)], torch.bfloat16) == 4
+    assert window_batch(4, 26, [(128, 128, 128)], torch.float32) == WINDOW_BATCH_BYTES // (26 * 128**3 * 4) == 2
+    assert window_batch(4, 118, [(64, 64, 64), (128, 128, 128)], torch.float16) == 1  # an ensemble: its largest roi
 
 
 def test_test_dtype_converts_the_net_for_the_test_pass(tiny_cfg):

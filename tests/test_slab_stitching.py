@@ -4,7 +4,7 @@ prediction (`sliding_window_probs`, MONAI's `sliding_window_inference`): same ma
 import pytest
 import torch
 
-from medseg.inference.slab_stitching import SlabStitcher, label_dtype, live_shape, slab_axis
+from medseg.inference.slab_stitching import SlabStitcher, label_dtype, live_shape, tile_axes
 from medseg.models.sliding_window import probs_to_labels, sliding_window_probs
 
 CLASSES = 6
@@ -48,11 +48,16 @@ def test_slab_masks_equal_whole_volume_masks(shape, roi, axes, models):
     with torch.no_grad():
         want = _old(nets, image, roi, axes)
     stitcher = SlabStitcher(nets, [roi] * models, [axes] * models, sw_batch_size=3, overlap=0.5)
-    slabs = [(s.start, s.stop) for s in stitcher.slabs(image)]
-    axis = slab_axis(shape)
-    assert len(slabs) > 2 and slabs[0][0] == 0 and slabs[-1][1] == shape[axis]
-    assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:], strict=False))
-    assert min(stop - start for start, stop in slabs) < roi[axis]  # windows reach across slab edges
+    covered = torch.zeros(shape, dtype=torch.int64)
+    tiles = [(t.lo, t.hi) for t in stitcher.tiles(image)]
+    for lo, hi in tiles:
+        covered[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] += 1
+    assert bool((covered == 1).all())  # the tiles partition the volume
+    for axis in tile_axes(shape):  # windows reach across tile edges along each tiled axis longer than a window
+        if shape[axis] <= roi[axis]:
+            continue
+        assert len({lo[axis] for lo, _ in tiles}) > 2
+        assert min(hi[axis] - lo[axis] for lo, hi in tiles) < roi[axis]
     labels, probs = stitcher.labels_and_probs(image, keep_probs=True)
     assert labels.dtype == torch.uint8 and labels.shape == (1, 1, *shape)
     torch.testing.assert_close(probs, want, atol=1e-6, rtol=1e-5)
@@ -90,12 +95,30 @@ def test_held_sums_do_not_grow_with_length():
     held = {}
     for depth in (48, 144):
         watch["most"], watch["stitcher"] = 0, SlabStitcher([net], [roi], [(2,)], 1, 0.5)
-        for _ in watch["stitcher"].slabs(torch.randn(1, 1, 20, 18, depth)):
+        for _ in watch["stitcher"].tiles(torch.randn(1, 1, 20, 18, depth)):
             watch["most"] = max(watch["most"], watch["stitcher"].held())
         held[depth] = watch["most"]
         bound = torch.Size(live_shape((20, 18, depth), [roi], [(2,)])).numel() * (CLASSES + 1)
         assert 0 < held[depth] <= bound < 20 * 18 * depth * (CLASSES + 1)
     assert held[48] == held[144]
+
+
+def test_tiles_free_a_slab_while_the_next_fills():
+    """Slabs cut into tiles along the second axis: a slab's finished tiles leave while the next slab's windows run,
+    so at overlap 0.5 the sums held stay near 5/8 of one window's depth over the whole plane (a slab at a time
+    held all of it; benchmarks/RESULTS.md, "Whole-body scale", for a 512 x 512 CT at 118 classes)."""
+    conv, roi, shape = _net(0), (16, 16, 16), (64, 64, 96)
+    watch: dict = {"most": 0}
+
+    def net(x):
+        watch["most"] = max(watch["most"], stitcher.held())
+        return conv(x)
+
+    stitcher = SlabStitcher([net], [roi], [()], 1, 0.5)
+    for _ in stitcher.tiles(torch.randn(1, 1, *shape)):
+        watch["most"] = max(watch["most"], stitcher.held())
+    window_depth = torch.Size(live_shape(shape, [roi], [()])).numel() * (CLASSES + 1)
+    assert watch["most"] <= 0.7 * window_depth
 
 
 def test_labels_take_int16_beyond_256_classes():
@@ -112,4 +135,4 @@ def test_refuses_mismatched_settings_and_batches():
     with pytest.raises(ValueError, match="one roi and one mirror_axes per net"):
         SlabStitcher([_net(0)], [(8, 8, 8)] * 2, [()])
     with pytest.raises(ValueError, match="one image at a time"):
-        next(SlabStitcher([_net(0)], [(8, 8, 8)], [()]).slabs(torch.randn(2, 1, 8, 8, 8)))
+        next(SlabStitcher([_net(0)], [(8, 8, 8)], [()]).tiles(torch.randn(2, 1, 8, 8, 8)))

@@ -61,7 +61,9 @@ def preprocess(
         LoadImaged(keys, image_only=True),
         EnsureChannelFirstd(keys),
         Orientationd(keys, axcodes="RAS"),
-        Spacingd(keys, pixdim=tuple(spacing), mode=modes),
+        # resampled in float32 (MONAI's default is float64): at 512 x 512 x 1000 its float64 copy and grid peaked
+        # at 6.1 GB (benchmarks/RESULTS.md, "Whole-body scale")
+        Spacingd(keys, pixdim=tuple(spacing), mode=modes, dtype=torch.float32),
     ]
     if crop_foreground:
         # Before normalisation: z-scored intensities are negative inside the body, raw zeros are not.

@@ -44,7 +44,7 @@ def preprocessing(model: TrainedModel) -> list[dict]:
         {"_target_": "LoadImaged", "keys": "image", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
         {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
-        {"_target_": "Spacingd", "keys": "image", "pixdim": "@spacing", "mode": "bilinear"},
+        {"_target_": "Spacingd", "keys": "image", "pixdim": "@spacing", "mode": "bilinear", "dtype": "$torch.float32"},
         # x != 0 (raw zeros are outside the body), picklable for DataLoader workers
         {
             "_target_": "CropForegroundd",

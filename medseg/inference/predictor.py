@@ -17,7 +17,7 @@ from medseg.data.transforms import preprocess
 from medseg.inference import postprocess
 from medseg.inference.ensemble import check_compatible, checkpoint_paths
 from medseg.inference.slab_stitching import SlabStitcher, live_shape
-from medseg.inference.stitch_device import stitch_device
+from medseg.inference.stitch_device import stitch_device, window_batch
 from medseg.models.sliding_window import mirror_flips
 from medseg.precision.convert import convert_net
 from medseg.precision.dtypes import inference_dtype
@@ -84,7 +84,8 @@ class Predictor:
         self.label_names = list(info["label_names"])
         self.num_classes = len(info["label_names"])
         self.rois = [i["patch_size"] for i in infos]
-        self.sw_batch_size, self.overlap = sw_batch_size, overlap
+        self.sw_batch_size = window_batch(sw_batch_size, self.num_classes, self.rois, self.dtype)
+        self.overlap = overlap
         self.preprocess = preprocess(
             info["spacing"], info["modality"], info["patch_size"], info["ct_window"], with_label=False
         )
@@ -145,7 +146,8 @@ class Predictor:
         # only that record and the meta of "image"); a fresh dict keeps them out of the caller's.
         pred = self.invert({"image": record, "pred": self._with_record(labels.float(), record)})["pred"]
         del labels
-        mask = np.asarray(postprocess.keep_largest(pred, self.keep_largest)[0]).round().astype(np.uint8)
+        mask = np.asarray(postprocess.keep_largest(pred, self.keep_largest)[0])
+        mask = np.rint(mask, out=mask).astype(np.uint8)  # in place: at 512 x 512 x 1000 each float copy is 1 GB
         if probs is None:
             return mask, None
         del pred

@@ -1,14 +1,15 @@
-"""Sliding-window prediction stitched slab by slab along the longest axis: memory that does not grow with the
-scan's length.
+"""Sliding-window prediction stitched tile by tile: memory that does not grow with the scan's length.
 
 `medseg.models.sliding_window.sliding_window_probs` (MONAI's `sliding_window_inference`) holds the C class channels of
 the whole volume, once more per flip: 118 classes on 273 x 273 x 667 voxels (a 512 x 512 x 1000 CT at 1.5 mm) are
 11.7 GB in BF16. Here the windows of every pass (one net, one flip) are visited in the order of their start along
-the longest axis. The axis is cut wherever a window starts or ends; a slab between two cuts is finished when no
-remaining window touches it, and leaves (softmax, flips and models averaged, then argmax, and the probabilities only
-when asked for) before the windows of the next slab run. Each pass sums its windows into chunks, one per slab, made when
-a window first reaches them and dropped when their slab leaves: at most one window's depth of planes of
-(C + 1) channels per pass, whatever the scan's length.
+the longest axis, then along the next longest. Both axes are cut wherever a window starts or ends: slabs along the
+longest axis, each cut into tiles along the next. A tile is finished when no remaining window touches it, and leaves
+(softmax, flips and models averaged, then argmax, and the probabilities only when asked for) before the windows of the
+next tile run. Each pass sums its windows into chunks, one per tile, made when a window first reaches them and dropped
+when their tile leaves. Along the longest axis they never reach past one window's depth per pass, whatever the scan's
+length; cutting slabs into tiles frees a slab's finished part while the next slab fills (at overlap 0.5: about one
+window-overlap of planes plus a strip, instead of a whole window's depth; benchmarks/RESULTS.md, "Whole-body scale").
 
 MONAI's own `buffer_steps`/`buffer_dim` option buffers slabs on the window device but still writes into a
 whole-volume output and count map on `device` (monai/inferers/utils.py, MONAI 1.6): it bounds GPU memory, not the
@@ -16,7 +17,7 @@ total, so it is not used.
 
 The arithmetic is `sliding_window_probs`'s: MONAI's window grid (`dense_patch_slices`, its scan interval), its
 gaussian weights (`compute_importance_map`) and padding, sums in the image's dtype, each flip's windows laid on the
-flipped image; per slab, logits / weights -> softmax per pass -> mean over flips -> mean over models, in that order.
+flipped image; per tile, logits / weights -> softmax per pass -> mean over flips -> mean over models, in that order.
 Only the order in which overlapping windows are added differs (MONAI adds them in order of their first axis):
 probabilities differ by rounding, and masks only where two classes tie to rounding.
 """
@@ -35,9 +36,16 @@ from medseg.models.sliding_window import mirror_flips, softmax_
 Net = Callable[[torch.Tensor], torch.Tensor]
 
 
+def tile_axes(shape: Sequence[int]) -> tuple[int, int]:
+    """The spatial axes (0, 1, 2) the tiles are cut along: the longest (slabs), then the longest of the others
+    (tiles within a slab); the first of equals."""
+    outer, inner = sorted(range(len(shape)), key=lambda a: (-shape[a], a))[:2]
+    return outer, inner
+
+
 def slab_axis(shape: Sequence[int]) -> int:
     """The spatial axis (0, 1, 2) the slabs are cut along: the longest (the first of equals)."""
-    return max(range(len(shape)), key=lambda a: (shape[a], -a))
+    return tile_axes(shape)[0]
 
 
 def live_shape(
@@ -57,32 +65,30 @@ def label_dtype(num_classes: int) -> torch.dtype:
 
 
 @dataclass
-class Slab:
-    """Finished planes [start, stop) along spatial `axis`: `probs` (1, C, X, Y, Z) with that axis cut to them."""
+class Tile:
+    """Finished voxels: the box [lo, hi) (spatial, per axis) and its `probs` (1, C, *box)."""
 
-    axis: int
-    start: int
-    stop: int
+    lo: tuple[int, ...]
+    hi: tuple[int, ...]
     probs: torch.Tensor
 
     def region(self) -> tuple[slice, ...]:
-        """Where the slab lies in a (B, C, X, Y, Z) tensor of the whole volume."""
-        index = [slice(None)] * 5
-        index[2 + self.axis] = slice(self.start, self.stop)
-        return tuple(index)
+        """Where the tile lies in a (B, C, X, Y, Z) tensor of the whole volume."""
+        return (slice(None), slice(None), *(slice(a, b) for a, b in zip(self.lo, self.hi, strict=True)))
 
 
 class _Pass:
     """One sliding-window pass (one net, one flip) in the original image's coordinates, padded as MONAI pads it,
-    summing its windows into one chunk per slab.
+    summing its windows into one chunk per tile.
 
     Args:
-        axis: the slab axis; `cuts`: the slabs' ends along it (original coordinates), the last the image's size.
+        axes: the two tiled axes (`tile_axes`); `cuts` (set by `set_cuts`): per tiled axis the blocks' ends
+            (original coordinates), the last the image's size.
     """
 
     def __init__(self, net: Net, image: torch.Tensor, roi: Sequence[int], dims: tuple[int, ...], overlap: float,
-                 mode: str, axis: int, sw_device: torch.device, device: torch.device) -> None:  # fmt: skip
-        self.net, self.dims, self.axis, self.sw_device, self.device = net, dims, axis, sw_device, device
+                 mode: str, axes: tuple[int, int], sw_device: torch.device, device: torch.device) -> None:  # fmt: skip
+        self.net, self.dims, self.axes, self.sw_device, self.device = net, dims, axes, sw_device, device
         self.spatial = tuple(image.shape[2:])
         self.roi = roi = tuple(fall_back_tuple(roi, self.spatial))
         # MONAI pads the (flipped) image symmetrically, the odd voxel after; after a flip "after" is "before" here
@@ -97,40 +103,58 @@ class _Pass:
         starts = [tuple(int(lo) for lo, _ in w) for w in dense_patch_slices(padded, roi, interval, return_slice=False)]
         # a window at g on the flipped image covers padded - g - roi .. padded - g here
         starts = [tuple(padded[a] - s - roi[a] if a in flipped else s for a, s in enumerate(w)) for w in starts]
-        starts.sort(key=lambda w: w[axis])  # stable: ties keep MONAI's order
+        starts.sort(key=lambda w: (w[axes[0]], w[axes[1]]))  # stable: ties keep MONAI's order
         self.windows: list[tuple[int, ...]] = starts
         weight = compute_importance_map(roi, mode=mode, device=sw_device, dtype=image.dtype)[None, None]
         self.weight = weight.flip(dims) if dims else weight
         self.done = 0  # windows run so far
-        self.cuts: list[int] = []
-        self.chunks: dict[
-            int, tuple[torch.Tensor, torch.Tensor]
-        ] = {}  # slab -> (sums (1, C, ...), weights (1, 1, ...))
+        self.cuts: list[list[int]] = []
+        self.needed: dict[tuple[int, int], int] = {}  # tile -> windows to run before it is finished
+        self.chunks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # tile -> (sums, weights)
 
-    def edges(self) -> set[int]:
-        """Where windows start and end along the slab axis, in original coordinates."""
-        starts = {w[self.axis] - self.pad[self.axis][0] for w in self.windows}
-        return starts | {s + self.roi[self.axis] for s in starts}
+    def edges(self, k: int) -> set[int]:
+        """Where windows start and end along tiled axis `k` (0 or 1), in original coordinates."""
+        a = self.axes[k]
+        starts = {w[a] - self.pad[a][0] for w in self.windows}
+        return starts | {s + self.roi[a] for s in starts}
 
-    def chunk_range(self, index: int) -> tuple[int, int]:
-        """Slab `index`'s planes in padded coordinates; the first and last also take the padding planes."""
-        lo = self.pad[self.axis][0]
-        start = self.cuts[index - 1] + lo if index else 0
-        stop = self.cuts[index] + lo if index < len(self.cuts) - 1 else self.image.shape[2 + self.axis]
+    def set_cuts(self, cuts: list[list[int]]) -> None:
+        self.cuts = cuts
+        for n, window in enumerate(self.windows):
+            for tile in self._tiles(window):
+                self.needed[tile] = n + 1
+
+    def block_range(self, k: int, index: int) -> tuple[int, int]:
+        """Block `index`'s planes along tiled axis `k` in padded coordinates; the first and last also take the
+        padding planes."""
+        a, cuts = self.axes[k], self.cuts[k]
+        lo = self.pad[a][0]
+        start = cuts[index - 1] + lo if index else 0
+        stop = cuts[index] + lo if index < len(cuts) - 1 else self.image.shape[2 + a]
         return start, stop
 
-    def run_until(self, stop: int, batch_size: int) -> None:
-        """Run the windows starting before plane `stop` (original coordinates), `batch_size` at a time, and add
-        them to the chunks."""
-        limit = stop + self.pad[self.axis][0]
+    def _blocks(self, k: int, begin: int, end: int) -> range:
+        """The blocks along tiled axis `k` that padded planes [begin, end) reach."""
+        n = len(self.cuts[k])
+        first = next(i for i in range(n) if self.block_range(k, i)[1] > begin)
+        stop = first
+        while stop < n and self.block_range(k, stop)[0] < end:
+            stop += 1
+        return range(first, stop)
+
+    def _tiles(self, window: tuple[int, ...]) -> list[tuple[int, int]]:
+        (a, b), roi = self.axes, self.roi
+        rows = self._blocks(0, window[a], window[a] + roi[a])
+        return [(i, j) for i in rows for j in self._blocks(1, window[b], window[b] + roi[b])]
+
+    def run_for(self, tile: tuple[int, int], batch_size: int) -> None:
+        """Run the windows (in order, `batch_size` at a time) up to the last that reaches `tile`, and add them to
+        the chunks."""
         weight = self.weight.to(self.device)
-        while self.done < len(self.windows) and self.windows[self.done][self.axis] < limit:
-            batch = []
-            while (
-                len(batch) < batch_size and self.done < len(self.windows) and self.windows[self.done][self.axis] < limit
-            ):
-                batch.append(self.windows[self.done])
-                self.done += 1
+        need = self.needed.get(tile, 0)
+        while self.done < need:
+            batch = self.windows[self.done : min(need, self.done + batch_size)]
+            self.done += len(batch)
             regions = [tuple(slice(s, s + r) for s, r in zip(w, self.roi, strict=True)) for w in batch]
             x = torch.cat([self.image[(slice(None), slice(None), *region)] for region in regions]).to(self.sw_device)
             x = x.flip(self.dims) if self.dims else x
@@ -138,40 +162,40 @@ class _Pass:
             out *= self.weight
             out = (out.flip(self.dims) if self.dims else out).to(self.device)
             for window, o in zip(batch, out, strict=True):
-                self._add(window, o[None], weight)
+                for t in self._tiles(window):
+                    self._add(t, window, o[None], weight)
 
-    def _add(self, window: tuple[int, ...], out: torch.Tensor, weight: torch.Tensor) -> None:
-        """Add one weighted window (1, C, *roi) and its weights (1, 1, *roi) into the chunks it overlaps."""
-        axis = self.axis
-        begin, end = window[axis], window[axis] + self.roi[axis]
-        index = min(i for i in range(len(self.cuts)) if self.chunk_range(i)[1] > begin)
-        while index < len(self.cuts) and (lo_hi := self.chunk_range(index))[0] < end:
-            lo, hi = lo_hi
-            if index not in self.chunks:
-                shape = list(self.image.shape[2:])
-                shape[axis] = hi - lo
-                self.chunks[index] = (
-                    torch.zeros(1, out.shape[1], *shape, dtype=out.dtype, device=self.device),
-                    torch.zeros(1, 1, *shape, dtype=out.dtype, device=self.device),
-                )
-            sums, weights = self.chunks[index]
-            a, b = max(begin, lo), min(end, hi)
-            target = [slice(None), slice(None), *(slice(s, s + r) for s, r in zip(window, self.roi, strict=True))]
-            source = [slice(None)] * 5
-            target[2 + axis], source[2 + axis] = slice(a - lo, b - lo), slice(a - begin, b - begin)
-            sums[tuple(target)] += out[tuple(source)]
-            weights[tuple(target)] += weight[tuple(source)]
-            index += 1
+    def _add(self, tile: tuple[int, int], window: tuple[int, ...], out: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add the part of one weighted window (1, C, *roi) and its weights (1, 1, *roi) that lies in `tile`."""
+        ranges = [self.block_range(k, i) for k, i in enumerate(tile)]
+        if tile not in self.chunks:
+            shape = list(self.image.shape[2:])
+            for a, (lo, hi) in zip(self.axes, ranges, strict=True):
+                shape[a] = hi - lo
+            self.chunks[tile] = (
+                torch.zeros(1, out.shape[1], *shape, dtype=out.dtype, device=self.device),
+                torch.zeros(1, 1, *shape, dtype=out.dtype, device=self.device),
+            )
+        sums, weights = self.chunks[tile]
+        target = [slice(None), slice(None), *(slice(s, s + r) for s, r in zip(window, self.roi, strict=True))]
+        source = [slice(None)] * 5
+        for a, (lo, hi) in zip(self.axes, ranges, strict=True):
+            begin = window[a]
+            first, last = max(begin, lo), min(begin + self.roi[a], hi)
+            target[2 + a], source[2 + a] = slice(first - lo, last - lo), slice(first - begin, last - begin)
+        sums[tuple(target)] += out[tuple(source)]
+        weights[tuple(target)] += weight[tuple(source)]
 
-    def finish(self, index: int) -> torch.Tensor:
-        """Slab `index`'s logits (1, C, ...) in original coordinates (sums / weights, padding cropped); the chunk
+    def finish(self, tile: tuple[int, int]) -> torch.Tensor:
+        """The tile's logits (1, C, ...) in original coordinates (sums / weights, padding cropped); the chunk
         leaves the pass, the returned tensor is the caller's."""
-        sums, weights = self.chunks.pop(index)
+        sums, weights = self.chunks.pop(tile)
         sums /= weights  # as MONAI normalises: in the sums' dtype, padding cropped after
-        lo, hi = self.chunk_range(index)
         crop = [slice(None), slice(None)]
         for a, (before, _) in enumerate(self.pad):
-            if a == self.axis:
+            if a in self.axes:
+                k = self.axes.index(a)
+                lo, hi = self.block_range(k, tile[k])
                 crop.append(slice(max(lo, before) - lo, min(hi, before + self.spatial[a]) - lo))
             else:
                 crop.append(slice(before, before + self.spatial[a]))
@@ -181,7 +205,7 @@ class _Pass:
 class SlabStitcher:
     """Gaussian-blended sliding windows of one or several nets (an ensemble, their softmax averaged), each with
     test-time flips (softmax averaged over the image and its flips along every subset of its `mirror_axes`),
-    stitched slab by slab along the longest axis.
+    stitched tile by tile (slabs along the longest axis, cut along the next longest).
 
     Args:
         nets: callables mapping windows (N, C_in, *roi) to logits (N, C, *roi), in `dtype` (see
@@ -220,9 +244,10 @@ class SlabStitcher:
         return sum(t.numel() for model in self._passes for p in model for c in p.chunks.values() for t in c)
 
     @torch.no_grad()
-    def slabs(self, image: torch.Tensor) -> Iterator[Slab]:
-        """The finished slabs of an image (1, C_in, X, Y, Z), in order along `slab_axis`; each `Slab.probs`
-        (1, C, ...) is the ensemble-mean probability in `dtype` (float32 when `dtype` is None)."""
+    def tiles(self, image: torch.Tensor) -> Iterator[Tile]:
+        """The finished tiles of an image (1, C_in, X, Y, Z), in order along the slab axis, then the tile axis
+        (`tile_axes`); each `Tile.probs` (1, C, ...) is the ensemble-mean probability in `dtype` (float32 when
+        `dtype` is None)."""
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
         if image.shape[0] != 1:
             raise ValueError(f"one image at a time, got a batch of {image.shape[0]}")
@@ -230,52 +255,56 @@ class SlabStitcher:
             image = image.to(self.dtype)
         out_dtype = self.dtype or torch.float32
         spatial = tuple(image.shape[2:])
-        axis = slab_axis(spatial)
+        axes = tile_axes(spatial)
         sw_device = torch.device(self.sw_device or image.device)
         device = torch.device(self.device or image.device)
         self._passes = passes = [
-            [_Pass(net, image, roi, dims, self.overlap, self.mode, axis, sw_device, device) for dims in flips]
+            [_Pass(net, image, roi, dims, self.overlap, self.mode, axes, sw_device, device) for dims in flips]
             for net, roi, flips in zip(self.nets, self.rois, self.flips, strict=True)
         ]
-        # cut where any window starts (a slab is finished as soon as the windows reaching it have run) or ends (so
-        # no chunk reaches past the windows run so far: at most one window's depth is held per pass)
-        edges = set().union(*(p.edges() for model in passes for p in model))
-        cuts = sorted(s for s in edges if 0 < s < spatial[axis]) + [spatial[axis]]
+        # cut where any window starts (a tile is finished as soon as the windows reaching it have run) or ends (so
+        # no chunk reaches past the windows run so far)
+        cuts = []
+        for k, a in enumerate(axes):
+            edges = set().union(*(p.edges(k) for model in passes for p in model))
+            cuts.append(sorted(s for s in edges if 0 < s < spatial[a]) + [spatial[a]])
         for model in passes:
             for p in model:
-                p.cuts = cuts
-        for index, stop in enumerate(cuts):
-            total: torch.Tensor | None = None
-            for model in passes:  # the order and dtypes of sliding_window_probs and Predictor.probs
-                mean: torch.Tensor | None = None
-                for p in model:
-                    p.run_until(stop, self.sw_batch_size)
-                    probs = softmax_(p.finish(index)).to(out_dtype)
-                    mean = probs if mean is None else mean.add_(probs)
-                assert mean is not None
-                mean = mean.div_(len(model)) if len(model) > 1 else mean
-                total = mean if total is None else total.add_(mean)
-            assert total is not None
-            yield Slab(
-                axis, cuts[index - 1] if index else 0, stop, total.div_(len(passes)) if len(passes) > 1 else total
-            )
-            del total, mean, probs  # before the next slab's chunks are made
+                p.set_cuts(cuts)
+        for i in range(len(cuts[0])):
+            for j in range(len(cuts[1])):
+                total: torch.Tensor | None = None
+                for model in passes:  # the order and dtypes of sliding_window_probs and Predictor.probs
+                    mean: torch.Tensor | None = None
+                    for p in model:
+                        p.run_for((i, j), self.sw_batch_size)
+                        probs = softmax_(p.finish((i, j))).to(out_dtype)
+                        mean = probs if mean is None else mean.add_(probs)
+                    assert mean is not None
+                    mean = mean.div_(len(model)) if len(model) > 1 else mean
+                    total = mean if total is None else total.add_(mean)
+                assert total is not None
+                lo, hi = [0, 0, 0], list(spatial)
+                for a, cut, n in zip(axes, cuts, (i, j), strict=True):
+                    lo[a], hi[a] = cut[n - 1] if n else 0, cut[n]
+                yield Tile(tuple(lo), tuple(hi), total.div_(len(passes)) if len(passes) > 1 else total)
+                del total, mean, probs  # before the next tile's chunks are made
 
     def labels_and_probs(
         self, image: torch.Tensor, keep_probs: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Class indices (1, 1, X, Y, Z) (`label_dtype`) of the most probable class, on `device`; with
-        `keep_probs` also the probabilities (1, C, X, Y, Z) in `dtype` (float32 when None), gathered slab by slab."""
+        `keep_probs` also the probabilities (1, C, X, Y, Z) in `dtype` (float32 when None), gathered tile by tile."""
         labels, probs = None, None
-        for slab in self.slabs(image):
+        for tile in self.tiles(image):
             if labels is None:
                 spatial = tuple(image.shape[2:])
-                num_classes, where = slab.probs.shape[1], slab.probs.device
+                num_classes, where = tile.probs.shape[1], tile.probs.device
                 labels = torch.empty((1, 1, *spatial), dtype=label_dtype(num_classes), device=where)
                 if keep_probs:
-                    probs = torch.empty((1, num_classes, *spatial), dtype=slab.probs.dtype, device=where)
-            labels[slab.region()] = slab.probs.argmax(1, keepdim=True)
+                    probs = torch.empty((1, num_classes, *spatial), dtype=tile.probs.dtype, device=where)
+            labels[tile.region()] = tile.probs.argmax(1, keepdim=True)
             if probs is not None:
-                probs[slab.region()] = slab.probs
+                probs[tile.region()] = tile.probs
         assert labels is not None
         return labels, probs

@@ -1,7 +1,10 @@
-"""Where MONAI's stitching buffers live during prediction. (Which dtype a net predicts in, and how it is converted:
-`medseg.precision.dtypes.inference_dtype`, `medseg.precision.convert.convert_net`.)"""
+"""Where the stitching buffers live during prediction, and how many windows a batch holds. (Which dtype a net
+predicts in, and how it is converted: `medseg.precision.dtypes.inference_dtype`,
+`medseg.precision.convert.convert_net`.)"""
 
 import logging
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -9,6 +12,10 @@ log = logging.getLogger(__name__)
 
 # Share of free GPU memory the stitching buffers may take before they go to the CPU (see `stitch_device`).
 GPU_BUFFER_SHARE = 0.25
+# Logits a window batch may hold (classes x window voxels x windows, in the prediction dtype) before it takes fewer
+# windows: at 118 classes one 128^3 window's BF16 logits are 495 MB, and the net's last layers hold several such
+# tensors (benchmarks/RESULTS.md, "Whole-body scale").
+WINDOW_BATCH_BYTES = 2**29
 
 
 def stitch_device(
@@ -37,3 +44,15 @@ def stitch_device(
                  net_device)  # fmt: skip
         return torch.device("cpu")
     return net_device
+
+
+def window_batch(sw_batch_size: int, num_classes: int, rois: Sequence[Sequence[int]], dtype: torch.dtype) -> int:
+    """Windows per batch: `sw_batch_size`, or fewer (at least one) where their logits (`num_classes` channels of
+    the largest roi in `dtype`) would take more than `WINDOW_BATCH_BYTES`."""
+    per_window = num_classes * max(math.prod(int(s) for s in roi) for roi in rois)
+    per_window *= torch.empty((), dtype=dtype).element_size()
+    batch = max(1, min(sw_batch_size, WINDOW_BATCH_BYTES // per_window))
+    if batch < sw_batch_size:
+        log.info("%d window(s) a batch instead of sw_batch_size=%d: %d classes, %.0f MiB of logits a window",
+                 batch, sw_batch_size, num_classes, per_window / 2**20)  # fmt: skip
+    return batch
