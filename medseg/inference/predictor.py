@@ -16,6 +16,7 @@ from medseg.checkpoint import CheckpointError, fp32_net_state, load_checkpoint
 from medseg.data.transforms import preprocess
 from medseg.inference import postprocess
 from medseg.inference.ensemble import check_compatible, checkpoint_paths
+from medseg.inference.label_inversion import invert_labels
 from medseg.inference.slab_stitching import SlabStitcher, live_shape
 from medseg.inference.stitch_device import stitch_device, window_batch
 from medseg.models.sliding_window import mirror_flips
@@ -89,6 +90,7 @@ class Predictor:
         self.preprocess = preprocess(
             info["spacing"], info["modality"], info["patch_size"], info["ct_window"], with_label=False
         )
+        # MONAI's whole-volume inversion of a label map: the reference `invert_labels` is checked against
         self.invert = Invertd("pred", transform=self.preprocess, orig_keys="image", nearest_interp=True)
         self.invert_probs = Invertd("probs", transform=self.preprocess, orig_keys="image", nearest_interp=False)
         self.keep_largest = self._postprocessing(postprocessing, ckpt_path, info["label_names"])
@@ -130,27 +132,23 @@ class Predictor:
         return probs
 
     def __call__(self, image_path: Path) -> np.ndarray:
-        """uint8 mask (X, Y, Z) on the input file's own voxel grid, postprocessed."""
+        """uint8 mask (X, Y, Z) (int16 beyond 256 classes) on the input file's own voxel grid, postprocessed."""
         return self.predict_case(self.preprocess({"image": str(image_path)}))[0]
 
     def predict_case(self, data: dict, with_probs: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
-        """uint8 mask (X, Y, Z) on the input file's own voxel grid for a preprocessed case, postprocessed; with
-        `with_probs` also its float16 probabilities (C, X, Y, Z) on that grid. `data["image"]` loses its voxels
-        (`net_input`)."""
+        """uint8 mask (X, Y, Z) (int16 beyond 256 classes) on the input file's own voxel grid for a preprocessed
+        case, postprocessed (`label_inversion.invert_labels`); with `with_probs` also its float16 probabilities
+        (C, X, Y, Z) on that grid. `data["image"]` loses its voxels (`net_input`)."""
         x = net_input(data, self.dtype, self.device)
         record = data["image"]
         labels, probs = self.stitch(x, keep_probs=with_probs)
         del x
-        labels = labels[0].cpu()
-        # The outputs carry the image's record of applied transforms, which Invertd undoes in reverse (it reads
-        # only that record and the meta of "image"); a fresh dict keeps them out of the caller's.
-        pred = self.invert({"image": record, "pred": self._with_record(labels.float(), record)})["pred"]
+        mask = invert_labels(labels[0].cpu(), record, self.preprocess)
         del labels
-        mask = np.asarray(postprocess.keep_largest(pred, self.keep_largest)[0])
-        mask = np.rint(mask, out=mask).astype(np.uint8)  # in place: at 512 x 512 x 1000 each float copy is 1 GB
+        if self.keep_largest:
+            mask = np.asarray(postprocess.keep_largest(mask[None], self.keep_largest)[0]).astype(mask.dtype)
         if probs is None:
             return mask, None
-        del pred
         return mask, self._invert_probs(probs[0], record)
 
     def _invert_probs(self, probs: torch.Tensor, record: MetaTensor) -> torch.Tensor:
