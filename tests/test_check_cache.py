@@ -40,3 +40,28 @@ def test_workers_and_cache_report_what_a_plain_check_reports(tmp_path):
     pooled = check_dataset(root, cache_dir=tmp_path / "cache", workers=2)
     cached = check_dataset(root, cache_dir=tmp_path / "cache", workers=2)
     assert pooled.errors == plain.errors == cached.errors and pooled.warnings == plain.warnings == cached.warnings
+
+
+def test_headers_are_read_once_per_folder(tmp_path, monkeypatch):
+    """The data module's header geometry (spacing, shape per case) comes from the cache on a second start; a
+    rewritten image is read again, and its new geometry is what comes back."""
+    import nibabel as nib
+    import numpy as np
+
+    from medseg.data import datamodule
+
+    root = write_ct_dataset(tmp_path / "Task_ct", num_cases=4, num_classes=3, shape=(20, 18, 16))
+    images = [root / "imagesTr" / f"ct_{i:04d}.nii.gz" for i in range(4)]
+    cache = tmp_path / "headers.json"
+    first = datamodule.header_geometry(images, cache)
+    np.testing.assert_array_equal(first[1], [[20, 18, 16]] * 4)
+    read = []
+    real_load = nib.load
+    monkeypatch.setattr(datamodule.nib, "load", lambda path: read.append(path) or real_load(path))
+    again = datamodule.header_geometry(images, cache)
+    assert read == [] and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    img = real_load(images[1])
+    nib.save(nib.Nifti1Image(np.zeros((20, 18, 9), np.int16), img.affine), images[1])  # another shape
+    zooms, shapes = datamodule.header_geometry(images, cache)
+    assert read == [str(images[1])] and shapes[1].tolist() == [20, 18, 9] and np.array_equal(zooms, first[0])
+    assert datamodule.header_geometry(images)[1][1].tolist() == [20, 18, 9]  # no cache: every header read

@@ -15,6 +15,7 @@ from monai.transforms import Compose
 
 from medseg.config_check import ConfigError
 from medseg.data.integrity import check_dataset
+from medseg.data.integrity_cache import cache_file, per_file
 from medseg.data.resumable import ResumableDataLoader
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.data.transforms import augment, preprocess
@@ -22,19 +23,22 @@ from medseg.data.transforms import augment, preprocess
 log = logging.getLogger(__name__)
 
 
-def header_geometry(images: Iterable[str | Path]) -> tuple[np.ndarray, np.ndarray]:
+def header_geometry(images: Iterable[str | Path], cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Voxel spacing and shape of each image in RAS axis order (as Orientationd will reorder them), from the
-    headers only (fast). Returns two (N, 3) arrays. Also read by `medseg.planning.fingerprint`."""
-    zooms, shapes = [], []
-    for path in images:
+    headers only (fast). Returns two (N, 3) arrays. With `cache` (a JSON file), headers of files unchanged since
+    it was written are not read again (at 1,000 cases the reads were most of a second start; benchmarks/RESULTS.md,
+    "Whole-body scale"). Also read by `medseg.planning.fingerprint`."""
+
+    def read(path: str) -> list:
         img = nib.load(path)
         axes = nib.orientations.io_orientation(img.affine)[:, 0].astype(int)
         zoom, shape = np.empty(3), np.empty(3)
         zoom[axes] = img.header.get_zooms()[:3]
         shape[axes] = img.shape[:3]
-        zooms.append(zoom)
-        shapes.append(shape)
-    return np.stack(zooms), np.stack(shapes)
+        return [zoom.tolist(), shape.tolist()]
+
+    geometry = per_file([str(p) for p in images], read, cache)
+    return np.array([g[0] for g in geometry], dtype=float), np.array([g[1] for g in geometry], dtype=float)
 
 
 def num_validation(num_cases: int, val_fraction: float) -> int:
@@ -164,7 +168,8 @@ class MSDDataModule(pl.LightningDataModule):
 
     def geometry(self) -> tuple[np.ndarray, np.ndarray]:
         """Voxel spacing and shape of every training image: `header_geometry` of the datalist."""
-        return header_geometry(item["image"] for item in self.datalist())
+        cache = cache_file(self.cache_dir, self.root, "headers")
+        return header_geometry((item["image"] for item in self.datalist()), cache)
 
     def check_patch_size(self, zooms: np.ndarray, shapes: np.ndarray) -> None:
         """A patch larger than every image (after resampling) on some axis would be mostly padding.

@@ -23,17 +23,54 @@ PARALLEL_FROM = 16  # cases: fewer are read in this process (starting workers wo
 VERSION = 1  # bump when a check changes what it reports: every cached result is then checked again
 
 
-def _stat(root: Path, rel: str) -> list:
+def _size_mtime(path: Path) -> list:
     try:
-        st = (root / rel).stat()
+        st = path.stat()
     except OSError:
-        return [rel, None, None]
-    return [rel, st.st_size, st.st_mtime_ns]
+        return [None, None]
+    return [st.st_size, st.st_mtime_ns]
 
 
-def cache_file(cache_dir: Path, root: Path) -> Path:
-    """One file per dataset folder (by its resolved path)."""
-    return cache_dir / "checks" / f"{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]}.json"
+def _stat(root: Path, rel: str) -> list:
+    return [rel, *_size_mtime(root / rel)]
+
+
+def cache_file(cache_dir: Path, root: Path, kind: str = "checks") -> Path:
+    """One file per dataset folder (by its resolved path) and kind of result."""
+    return cache_dir / kind / f"{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]}.json"
+
+
+def _save(path: Path, content: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(content))
+        tmp.replace(path)  # whole or not at all: two runs starting at once each write a complete file
+    except OSError as err:
+        log.warning("could not save %s (%s): the next start reads every file again", path, err)
+
+
+def per_file(files: Sequence[str], compute: Callable[[str], list], path: Path | None = None) -> list:
+    """`compute(file)` for each file, reused from the JSON file `path` for files whose size and modification time
+    are those it was computed at (None: computed for every file); results are lists of JSON-able values."""
+    stored: dict = {}
+    if path is not None and path.is_file():
+        try:
+            stored = json.loads(path.read_text())["files"]
+        except (OSError, ValueError, KeyError):
+            stored = {}  # a damaged cache is read again, never trusted
+    results, changed = [], False
+    for file in map(str, files):
+        stat = _size_mtime(Path(file))
+        hit = stored.get(file)
+        if hit is not None and hit[0] == stat and stat[0] is not None:
+            results.append(hit[1])
+            continue
+        results.append(compute(file))
+        stored[file], changed = [stat, results[-1]], True
+    if path is not None and changed:
+        _save(path, {"version": VERSION, "files": stored})
+    return results
 
 
 def checked_cases(
@@ -78,13 +115,7 @@ def checked_cases(
             "|".join(c): {"stat": s, "errors": r[0], "warnings": r[1]}
             for c, s, r in zip(cases, stats, results, strict=True)
         }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"settings": key, "cases": entries}))
-            tmp.replace(path)  # whole or not at all: two runs starting at once each write a complete file
-        except OSError as err:
-            log.warning("could not save the dataset check cache %s (%s): the next start checks every file", path, err)
+        _save(path, {"settings": key, "cases": entries})
     return results
 
 
