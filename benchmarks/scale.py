@@ -75,6 +75,8 @@ def random_checkpoint(path: Path, num_classes: int, roi: int) -> Path:
 def whole_volume_mask(predictor, data: dict) -> np.ndarray:
     """The mask as `Predictor.predict_case` made it before slab stitching: each model's whole-volume probabilities
     (`sliding_window_probs`, C channels of the whole volume), averaged, argmax, Invertd; no postprocessing."""
+    from monai.transforms import Invertd
+
     from medseg.inference.predictor import net_input
     from medseg.models.sliding_window import probs_to_labels, sliding_window_probs
 
@@ -90,7 +92,8 @@ def whole_volume_mask(predictor, data: dict) -> np.ndarray:
     labels = probs_to_labels(total)[0]
     del total, probs
     record = data["image"]
-    pred = predictor.invert({"image": record, "pred": predictor._with_record(labels.float(), record)})["pred"]
+    invert = Invertd("pred", transform=predictor.preprocess, orig_keys="image", nearest_interp=True)
+    pred = invert({"image": record, "pred": predictor._with_record(labels.float(), record)})["pred"]
     return np.asarray(pred[0]).round().astype(np.uint8)
 
 

@@ -183,6 +183,7 @@ def test_low_precision_net_keeps_norms_fp32_and_agrees_with_fp32(checkpoint, tmp
 def _predict_case_keeping_the_image(predictor, data, with_probs):
     """`Predictor.predict_case` as it was before it released the FP32 image: the whole image kept for Invertd."""
     from monai.data import MetaTensor
+    from monai.transforms import Invertd
 
     from medseg.models.sliding_window import probs_to_labels
 
@@ -190,7 +191,7 @@ def _predict_case_keeping_the_image(predictor, data, with_probs):
     probs = predictor.probs(image.unsqueeze(0))
     labels = probs_to_labels(probs)[0].cpu()
     data["pred"] = MetaTensor(labels.float(), meta=image.meta, applied_operations=image.applied_operations)
-    pred = predictor.invert(data)["pred"]
+    pred = Invertd("pred", transform=predictor.preprocess, orig_keys="image", nearest_interp=True)(data)["pred"]
     mask = np.asarray(postprocess.keep_largest(pred, predictor.keep_largest)[0]).round().astype(np.uint8)
     data["probs"] = MetaTensor(probs[0].float().cpu(), meta=image.meta, applied_operations=image.applied_operations)
     return mask, predictor.invert_probs(data)["probs"].as_tensor().to(torch.float16)

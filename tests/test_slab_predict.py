@@ -104,13 +104,16 @@ def test_label_inversion_plane_by_plane_equals_invertd(two_checkpoints, tmp_path
     """Random class indices on the net's grid of an LPS, anisotropic scan (every voxel a different test of the
     nearest-neighbour mapping), mapped back by `invert_labels` a few planes at a time and by MONAI's whole-volume
     `Invertd`: the same map, in the labels' own dtype."""
+    from monai.transforms import Invertd
+
     from medseg.inference.label_inversion import invert_labels
 
     predictor = Predictor([str(two_checkpoints[0])], "cpu", mirror_axes=[])
     record = predictor.preprocess({"image": str(_long_scan(tmp_path / "in"))})["image"]
     generator = torch.Generator().manual_seed(planes)
     labels = torch.randint(0, 3, (1, *record.shape[1:]), generator=generator).to(torch.uint8)
-    want = predictor.invert({"image": record, "pred": predictor._with_record(labels.float(), record)})["pred"]
+    invert = Invertd("pred", transform=predictor.preprocess, orig_keys="image", nearest_interp=True)
+    want = invert({"image": record, "pred": predictor._with_record(labels.float(), record)})["pred"]
     got = invert_labels(labels, record, predictor.preprocess, planes=planes)
     assert got.dtype == np.uint8 and got.shape == (30, 26, 110)
     np.testing.assert_array_equal(got, np.asarray(want[0]).round().astype(np.uint8))

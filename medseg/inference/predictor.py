@@ -90,8 +90,6 @@ class Predictor:
         self.preprocess = preprocess(
             info["spacing"], info["modality"], info["patch_size"], info["ct_window"], with_label=False
         )
-        # MONAI's whole-volume inversion of a label map: the reference `invert_labels` is checked against
-        self.invert = Invertd("pred", transform=self.preprocess, orig_keys="image", nearest_interp=True)
         self.invert_probs = Invertd("probs", transform=self.preprocess, orig_keys="image", nearest_interp=False)
         self.keep_largest = self._postprocessing(postprocessing, ckpt_path, info["label_names"])
 

@@ -109,6 +109,7 @@ class _Pass:
         self.weight = weight.flip(dims) if dims else weight
         self.done = 0  # windows run so far
         self.cuts: list[list[int]] = []
+        self.touched: list[list[tuple[int, int]]] = []
         self.needed: dict[tuple[int, int], int] = {}  # tile -> windows to run before it is finished
         self.chunks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # tile -> (sums, weights)
 
@@ -120,8 +121,9 @@ class _Pass:
 
     def set_cuts(self, cuts: list[list[int]]) -> None:
         self.cuts = cuts
-        for n, window in enumerate(self.windows):
-            for tile in self._tiles(window):
+        self.touched = [self._tiles(window) for window in self.windows]  # per window, the tiles it reaches
+        for n, tiles in enumerate(self.touched):
+            for tile in tiles:
                 self.needed[tile] = n + 1
 
     def block_range(self, k: int, index: int) -> tuple[int, int]:
@@ -153,7 +155,8 @@ class _Pass:
         weight = self.weight.to(self.device)
         need = self.needed.get(tile, 0)
         while self.done < need:
-            batch = self.windows[self.done : min(need, self.done + batch_size)]
+            first = self.done
+            batch = self.windows[first : min(need, first + batch_size)]
             self.done += len(batch)
             regions = [tuple(slice(s, s + r) for s, r in zip(w, self.roi, strict=True)) for w in batch]
             x = torch.cat([self.image[(slice(None), slice(None), *region)] for region in regions]).to(self.sw_device)
@@ -161,9 +164,9 @@ class _Pass:
             out = self.net(x).to(x.dtype)
             out *= self.weight
             out = (out.flip(self.dims) if self.dims else out).to(self.device)
-            for window, o in zip(batch, out, strict=True):
-                for t in self._tiles(window):
-                    self._add(t, window, o[None], weight)
+            for n, (window, o) in enumerate(zip(batch, out, strict=True)):
+                for tile in self.touched[first + n]:
+                    self._add(tile, window, o[None], weight)
 
     def _add(self, tile: tuple[int, int], window: tuple[int, ...], out: torch.Tensor, weight: torch.Tensor) -> None:
         """Add the part of one weighted window (1, C, *roi) and its weights (1, 1, *roi) that lies in `tile`."""
