@@ -65,3 +65,14 @@ def test_headers_are_read_once_per_folder(tmp_path, monkeypatch):
     zooms, shapes = datamodule.header_geometry(images, cache)
     assert read == [str(images[1])] and shapes[1].tolist() == [20, 18, 9] and np.array_equal(zooms, first[0])
     assert datamodule.header_geometry(images)[1][1].tolist() == [20, 18, 9]  # no cache: every header read
+
+
+def test_a_damaged_header_cache_is_read_again_not_trusted(tmp_path):
+    from medseg.data import datamodule
+
+    root = write_ct_dataset(tmp_path / "Task_ct", num_cases=2, num_classes=3, shape=(20, 18, 16))
+    images = [root / "imagesTr" / f"ct_{i:04d}.nii.gz" for i in range(2)]
+    cache = tmp_path / "headers.json"
+    cache.write_text('{"files": {"' + str(images[0]) + '": [[1, 2], [[9, 9, 9], [1, 1, 1]]]}')  # stale and cut
+    zooms, shapes = datamodule.header_geometry(images, cache)
+    assert shapes.tolist() == [[20, 18, 16]] * 2 and zooms.min() > 0
