@@ -3,13 +3,13 @@
 `medseg.models.sliding_window.sliding_window_probs` (MONAI's `sliding_window_inference`) holds the C class channels of
 the whole volume, once more per flip: 118 classes on 273 x 273 x 667 voxels (a 512 x 512 x 1000 CT at 1.5 mm) are
 11.7 GB in BF16. Here the windows of every pass (one net, one flip) are visited in the order of their start along
-the longest axis, then along the next longest. Both axes are cut wherever a window starts or ends: slabs along the
-longest axis, each cut into tiles along the next. A tile is finished when no remaining window touches it, and leaves
-(softmax, flips and models averaged, then argmax, and the probabilities only when asked for) before the windows of the
-next tile run. Each pass sums its windows into chunks, one per tile, made when a window first reaches them and dropped
-when their tile leaves. Along the longest axis they never reach past one window's depth per pass, whatever the scan's
-length; cutting slabs into tiles frees a slab's finished part while the next slab fills (at overlap 0.5: about one
-window-overlap of planes plus a strip, instead of a whole window's depth; benchmarks/RESULTS.md, "Whole-body scale").
+the longest axis, then the next longest, then the shortest, and the volume is cut into tiles along all three axes
+wherever a window starts or ends. A tile is finished as soon as the last window that touches it has run, and leaves
+(softmax, flips and models averaged, then argmax, and the probabilities only when asked for) before the next window
+runs. Each pass sums its windows into chunks, one per tile, made when a window first reaches them and dropped when
+their tile leaves. What is held at once is about one window-overlap of planes along the longest axis (the planes
+that the windows before and after both reach) plus the part of the next planes the current row of windows has
+reached, whatever the scan's length (benchmarks/RESULTS.md, "Whole-body scale").
 
 MONAI's own `buffer_steps`/`buffer_dim` option buffers slabs on the window device but still writes into a
 whole-volume output and count map on `device` (monai/inferers/utils.py, MONAI 1.6): it bounds GPU memory, not the
@@ -22,6 +22,7 @@ Only the order in which overlapping windows are added differs (MONAI adds them i
 probabilities differ by rounding, and masks only where two classes tie to rounding.
 """
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,16 +32,17 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers.utils import _get_scan_interval  # the grid sliding_window_inference uses, not a copy of it
 from monai.utils import ensure_tuple_rep, fall_back_tuple
 
+from medseg.inference.stitch_device import release_freed_memory
 from medseg.models.sliding_window import mirror_flips, softmax_
 
 Net = Callable[[torch.Tensor], torch.Tensor]
+Block = tuple[int, ...]  # a tile: its block index along each axis of `tile_axes`
 
 
-def tile_axes(shape: Sequence[int]) -> tuple[int, int]:
-    """The spatial axes (0, 1, 2) the tiles are cut along: the longest (slabs), then the longest of the others
-    (tiles within a slab); the first of equals."""
-    outer, inner = sorted(range(len(shape)), key=lambda a: (-shape[a], a))[:2]
-    return outer, inner
+def tile_axes(shape: Sequence[int]) -> tuple[int, ...]:
+    """The spatial axes (0, 1, 2) in the order windows are visited: longest first (the slab axis), the first of
+    equals first."""
+    return tuple(sorted(range(len(shape)), key=lambda a: (-shape[a], a)))
 
 
 def slab_axis(shape: Sequence[int]) -> int:
@@ -57,6 +59,25 @@ def live_shape(
     passes = [(len(mirror_flips(axes)), roi[axis]) for roi, axes in zip(rois, mirror_axes, strict=True)]
     planes = sum(n * min(int(shape[axis]), int(r)) for n, r in passes)
     return tuple(planes if a == axis else int(s) for a, s in enumerate(shape))
+
+
+def visit_rows(starts: Sequence[int], interval: int) -> dict[int, int]:
+    """Window start along one axis -> its row in the visiting order: starts in the order of the axis, a new row
+    wherever a start lies a full scan `interval` past the one before. MONAI moves the window at the image's edge back
+    to end there, closer than `interval` to its neighbour; that window shares its neighbour's row, so the two are
+    run one after the other, not a row apart (at 667 planes the last two rows start 27 planes apart and overlap in
+    101 of 128 planes: run a row apart, those 101 planes' sums of the whole plane were held at once)."""
+    rows, row, before = {}, -1, None
+    for s in sorted(set(starts)):
+        row += before is None or s - before >= interval
+        rows[s], before = row, s
+    return rows
+
+
+def window_order(window: Sequence[int], axes: Sequence[int], rows: Sequence[dict[int, int]]) -> tuple[int, ...]:
+    """The sort key of a window's start: by row along `axes[0]` (the longest), then along `axes[1]`, then by start
+    along the axes from the shortest back, so windows that share a row run one after the other."""
+    return (rows[0][window[axes[0]]], rows[1][window[axes[1]]], *(window[a] for a in reversed(axes)))
 
 
 def label_dtype(num_classes: int) -> torch.dtype:
@@ -82,12 +103,13 @@ class _Pass:
     summing its windows into one chunk per tile.
 
     Args:
-        axes: the two tiled axes (`tile_axes`); `cuts` (set by `set_cuts`): per tiled axis the blocks' ends
-            (original coordinates), the last the image's size.
+        axes: the spatial axes in the order windows are visited (`tile_axes`); `cuts` (set by `set_cuts`): per axis
+            of `axes` the blocks' ends (original coordinates), the last the image's size. A tile is a tuple of
+            block indices, one per axis of `axes`.
     """
 
     def __init__(self, net: Net, image: torch.Tensor, roi: Sequence[int], dims: tuple[int, ...], overlap: float,
-                 mode: str, axes: tuple[int, int], sw_device: torch.device, device: torch.device) -> None:  # fmt: skip
+                 mode: str, axes: tuple[int, ...], sw_device: torch.device, device: torch.device) -> None:  # fmt: skip
         self.net, self.dims, self.axes, self.sw_device, self.device = net, dims, axes, sw_device, device
         self.spatial = tuple(image.shape[2:])
         self.roi = roi = tuple(fall_back_tuple(roi, self.spatial))
@@ -103,18 +125,19 @@ class _Pass:
         starts = [tuple(int(lo) for lo, _ in w) for w in dense_patch_slices(padded, roi, interval, return_slice=False)]
         # a window at g on the flipped image covers padded - g - roi .. padded - g here
         starts = [tuple(padded[a] - s - roi[a] if a in flipped else s for a, s in enumerate(w)) for w in starts]
-        starts.sort(key=lambda w: (w[axes[0]], w[axes[1]]))  # stable: ties keep MONAI's order
+        rows = [visit_rows([w[a] for w in starts], interval[a]) for a in axes]
+        starts.sort(key=lambda w: window_order(w, axes, rows))  # stable: ties keep MONAI's order
         self.windows: list[tuple[int, ...]] = starts
         weight = compute_importance_map(roi, mode=mode, device=sw_device, dtype=image.dtype)[None, None]
         self.weight = weight.flip(dims) if dims else weight
         self.done = 0  # windows run so far
         self.cuts: list[list[int]] = []
-        self.touched: list[list[tuple[int, int]]] = []
-        self.needed: dict[tuple[int, int], int] = {}  # tile -> windows to run before it is finished
-        self.chunks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # tile -> (sums, weights)
+        self.touched: list[list[Block]] = []
+        self.needed: dict[Block, int] = {}  # tile -> windows to run before it is finished
+        self.chunks: dict[Block, tuple[torch.Tensor, torch.Tensor]] = {}  # tile -> (sums, weights)
 
     def edges(self, k: int) -> set[int]:
-        """Where windows start and end along tiled axis `k` (0 or 1), in original coordinates."""
+        """Where windows start and end along `axes[k]`, in original coordinates."""
         a = self.axes[k]
         starts = {w[a] - self.pad[a][0] for w in self.windows}
         return starts | {s + self.roi[a] for s in starts}
@@ -127,7 +150,7 @@ class _Pass:
                 self.needed[tile] = n + 1
 
     def block_range(self, k: int, index: int) -> tuple[int, int]:
-        """Block `index`'s planes along tiled axis `k` in padded coordinates; the first and last also take the
+        """Block `index`'s planes along `axes[k]` in padded coordinates; the first and last also take the
         padding planes."""
         a, cuts = self.axes[k], self.cuts[k]
         lo = self.pad[a][0]
@@ -136,7 +159,7 @@ class _Pass:
         return start, stop
 
     def _blocks(self, k: int, begin: int, end: int) -> range:
-        """The blocks along tiled axis `k` that padded planes [begin, end) reach."""
+        """The blocks along `axes[k]` that padded planes [begin, end) reach."""
         n = len(self.cuts[k])
         first = next(i for i in range(n) if self.block_range(k, i)[1] > begin)
         stop = first
@@ -144,31 +167,37 @@ class _Pass:
             stop += 1
         return range(first, stop)
 
-    def _tiles(self, window: tuple[int, ...]) -> list[tuple[int, int]]:
-        (a, b), roi = self.axes, self.roi
-        rows = self._blocks(0, window[a], window[a] + roi[a])
-        return [(i, j) for i in rows for j in self._blocks(1, window[b], window[b] + roi[b])]
+    def _tiles(self, window: tuple[int, ...]) -> list[Block]:
+        blocks = [self._blocks(k, window[a], window[a] + self.roi[a]) for k, a in enumerate(self.axes)]
+        return list(itertools.product(*blocks))
 
-    def run_for(self, tile: tuple[int, int], batch_size: int) -> None:
+    def run_for(self, tile: Block, batch_size: int) -> None:
         """Run the windows (in order, `batch_size` at a time) up to the last that reaches `tile`, and add them to
         the chunks."""
-        weight = self.weight.to(self.device)
         need = self.needed.get(tile, 0)
         while self.done < need:
             first = self.done
-            batch = self.windows[first : min(need, first + batch_size)]
-            self.done += len(batch)
-            regions = [tuple(slice(s, s + r) for s, r in zip(w, self.roi, strict=True)) for w in batch]
-            x = torch.cat([self.image[(slice(None), slice(None), *region)] for region in regions]).to(self.sw_device)
-            x = x.flip(self.dims) if self.dims else x
-            out = self.net(x).to(x.dtype)
-            out *= self.weight
-            out = (out.flip(self.dims) if self.dims else out).to(self.device)
-            for n, (window, o) in enumerate(zip(batch, out, strict=True)):
-                for tile in self.touched[first + n]:
-                    self._add(tile, window, o[None], weight)
+            self.done = min(need, first + batch_size)
+            self._run(first, self.done)
 
-    def _add(self, tile: tuple[int, int], window: tuple[int, ...], out: torch.Tensor, weight: torch.Tensor) -> None:
+    def _run(self, first: int, stop: int) -> None:
+        """Windows [first, stop) through the net, added to the chunks. A method of its own so that their logits
+        (C x roi voxels: 472 MiB at 118 classes and 128^3 in BF16) are gone before the next batch's forward."""
+        batch = self.windows[first:stop]
+        regions = [tuple(slice(s, s + r) for s, r in zip(w, self.roi, strict=True)) for w in batch]
+        x = torch.cat([self.image[(slice(None), slice(None), *region)] for region in regions]).to(self.sw_device)
+        x = x.flip(self.dims) if self.dims else x
+        if self.device.type == "cpu":
+            release_freed_memory()  # before the forward, where prediction peaks
+        out = self.net(x).to(x.dtype)
+        out *= self.weight
+        out = (out.flip(self.dims) if self.dims else out).to(self.device)
+        weight = self.weight.to(self.device)
+        for n, (window, o) in enumerate(zip(batch, out, strict=True)):
+            for tile in self.touched[first + n]:
+                self._add(tile, window, o[None], weight)
+
+    def _add(self, tile: Block, window: tuple[int, ...], out: torch.Tensor, weight: torch.Tensor) -> None:
         """Add the part of one weighted window (1, C, *roi) and its weights (1, 1, *roi) that lies in `tile`."""
         ranges = [self.block_range(k, i) for k, i in enumerate(tile)]
         if tile not in self.chunks:
@@ -189,26 +218,22 @@ class _Pass:
         sums[tuple(target)] += out[tuple(source)]
         weights[tuple(target)] += weight[tuple(source)]
 
-    def finish(self, tile: tuple[int, int]) -> torch.Tensor:
+    def finish(self, tile: Block) -> torch.Tensor:
         """The tile's logits (1, C, ...) in original coordinates (sums / weights, padding cropped); the chunk
         leaves the pass, the returned tensor is the caller's."""
         sums, weights = self.chunks.pop(tile)
         sums /= weights  # as MONAI normalises: in the sums' dtype, padding cropped after
-        crop = [slice(None), slice(None)]
-        for a, (before, _) in enumerate(self.pad):
-            if a in self.axes:
-                k = self.axes.index(a)
-                lo, hi = self.block_range(k, tile[k])
-                crop.append(slice(max(lo, before) - lo, min(hi, before + self.spatial[a]) - lo))
-            else:
-                crop.append(slice(before, before + self.spatial[a]))
+        crop = [slice(None)] * 5
+        for k, a in enumerate(self.axes):
+            (lo, hi), before = self.block_range(k, tile[k]), self.pad[a][0]
+            crop[2 + a] = slice(max(lo, before) - lo, min(hi, before + self.spatial[a]) - lo)
         return sums[tuple(crop)]
 
 
 class SlabStitcher:
     """Gaussian-blended sliding windows of one or several nets (an ensemble, their softmax averaged), each with
     test-time flips (softmax averaged over the image and its flips along every subset of its `mirror_axes`),
-    stitched tile by tile (slabs along the longest axis, cut along the next longest).
+    stitched tile by tile (cut along all three axes wherever a window starts or ends).
 
     Args:
         nets: callables mapping windows (N, C_in, *roi) to logits (N, C, *roi), in `dtype` (see
@@ -248,9 +273,9 @@ class SlabStitcher:
 
     @torch.no_grad()
     def tiles(self, image: torch.Tensor) -> Iterator[Tile]:
-        """The finished tiles of an image (1, C_in, X, Y, Z), in order along the slab axis, then the tile axis
-        (`tile_axes`); each `Tile.probs` (1, C, ...) is the ensemble-mean probability in `dtype` (float32 when
-        `dtype` is None)."""
+        """The finished tiles of an image (1, C_in, X, Y, Z), each as soon as the windows that reach it have run
+        (roughly in order along the longest axis, `tile_axes`); each `Tile.probs` (1, C, ...) is the ensemble-mean
+        probability in `dtype` (float32 when `dtype` is None)."""
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
         if image.shape[0] != 1:
             raise ValueError(f"one image at a time, got a batch of {image.shape[0]}")
@@ -274,24 +299,27 @@ class SlabStitcher:
         for model in passes:
             for p in model:
                 p.set_cuts(cuts)
-        for i in range(len(cuts[0])):
-            for j in range(len(cuts[1])):
-                total: torch.Tensor | None = None
-                for model in passes:  # the order and dtypes of sliding_window_probs and Predictor.probs
-                    mean: torch.Tensor | None = None
-                    for p in model:
-                        p.run_for((i, j), self.sw_batch_size)
-                        probs = softmax_(p.finish((i, j))).to(out_dtype)
-                        mean = probs if mean is None else mean.add_(probs)
-                    assert mean is not None
-                    mean = mean.div_(len(model)) if len(model) > 1 else mean
-                    total = mean if total is None else total.add_(mean)
-                assert total is not None
-                lo, hi = [0, 0, 0], list(spatial)
-                for a, cut, n in zip(axes, cuts, (i, j), strict=True):
-                    lo[a], hi[a] = cut[n - 1] if n else 0, cut[n]
-                yield Tile(tuple(lo), tuple(hi), total.div_(len(passes)) if len(passes) > 1 else total)
-                del total, mean, probs  # before the next tile's chunks are made
+
+        def last_window(tile: Block) -> tuple:  # how far through its windows the slowest pass must be
+            return max(p.needed[tile] / len(p.windows) for model in passes for p in model), tile
+
+        for tile in sorted(itertools.product(*(range(len(c)) for c in cuts)), key=last_window):
+            total: torch.Tensor | None = None
+            for model in passes:  # the order and dtypes of sliding_window_probs and Predictor.probs
+                mean: torch.Tensor | None = None
+                for p in model:
+                    p.run_for(tile, self.sw_batch_size)
+                    probs = softmax_(p.finish(tile)).to(out_dtype)
+                    mean = probs if mean is None else mean.add_(probs)
+                assert mean is not None
+                mean = mean.div_(len(model)) if len(model) > 1 else mean
+                total = mean if total is None else total.add_(mean)
+            assert total is not None
+            lo, hi = [0, 0, 0], list(spatial)
+            for a, cut, n in zip(axes, cuts, tile, strict=True):
+                lo[a], hi[a] = cut[n - 1] if n else 0, cut[n]
+            yield Tile(tuple(lo), tuple(hi), total.div_(len(passes)) if len(passes) > 1 else total)
+            del total, mean, probs  # before the next tile's chunks are made
 
     def labels_and_probs(
         self, image: torch.Tensor, keep_probs: bool = False

@@ -2,6 +2,8 @@
 predicts in, and how it is converted: `medseg.precision.dtypes.inference_dtype`,
 `medseg.precision.convert.convert_net`.)"""
 
+import ctypes
+import ctypes.util
 import logging
 import math
 from collections.abc import Sequence
@@ -16,6 +18,11 @@ GPU_BUFFER_SHARE = 0.25
 # windows: at 118 classes one 128^3 window's BF16 logits are 495 MB, and the net's last layers hold several such
 # tensors (benchmarks/RESULTS.md, "Whole-body scale").
 WINDOW_BATCH_BYTES = 2**29
+
+try:  # glibc only: elsewhere there is nothing to call and nothing is done
+    _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    _malloc_trim = None
 
 
 def stitch_device(
@@ -56,3 +63,16 @@ def window_batch(sw_batch_size: int, num_classes: int, rois: Sequence[Sequence[i
         log.info("%d window(s) a batch instead of sw_batch_size=%d: %d classes, %.0f MiB of logits a window",
                  batch, sw_batch_size, num_classes, per_window / 2**20)  # fmt: skip
     return batch
+
+
+def release_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`); False where there is none.
+
+    Stitching frees sums of a few MB as their tiles leave, between the net's larger allocations, which glibc serves
+    from `mmap` instead: the freed sums stay in the heap, unused but resident, and counted in the peak when the
+    next forward's activations come (about 430 MiB of 3.5 GB at 118 classes and 1000 slices; benchmarks/RESULTS.md,
+    "Whole-body scale")."""
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
