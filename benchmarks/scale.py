@@ -11,7 +11,7 @@ classes, CT affines, 0.8 x 0.8 x 1.5 mm unless `--spacing`). `predict`: per slic
 (`--xy`, `--spacing`, default 0.8 x 0.8 x 1.0 mm as the issue's 1000-slice scan) and per class count a randomly
 initialised U-Net checkpoint (conf/model/unet.yaml, `benchmarks/predict.py`'s net, seed 0) trained, as it were, at
 1.5 mm with a `--roi` cubed patch, predicted as `medseg.predict` predicts one case (`Predictor`: load, preprocess,
-stitch, argmax, Invertd of the label map back to 512 x 512 x S; no mirroring, no postprocessing). Every
+stitch tile by tile, argmax, `invert_labels` back to 512 x 512 x S; no mirroring, no postprocessing). Every
 (slices, classes, dtype, path) runs in a fresh process; peak = that process' peak RSS (`ru_maxrss`, everything
 included: Python, torch, the image as loaded), `predict peak` = the peak after preprocessing (VmHWM reset through
 /proc/self/clear_refs). The whole-volume path is skipped where it would need more than `--max-gb` (its buffers:

@@ -4,7 +4,8 @@ prediction (`sliding_window_probs`, MONAI's `sliding_window_inference`): same ma
 import pytest
 import torch
 
-from medseg.inference.slab_stitching import SlabStitcher, label_dtype, live_shape, tile_axes
+from medseg.inference.slab_stitching import SlabStitcher, label_dtype, live_shape
+from medseg.inference.window_order import cut_axis, tile_axes
 from medseg.models.sliding_window import probs_to_labels, sliding_window_probs
 
 CLASSES = 6
@@ -53,8 +54,9 @@ def test_slab_masks_equal_whole_volume_masks(shape, roi, axes, models):
     for lo, hi in tiles:
         covered[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] += 1
     assert bool((covered == 1).all())  # the tiles partition the volume
-    for axis in tile_axes(shape):  # windows reach across tile edges along each tiled axis longer than a window
-        if shape[axis] <= roi[axis]:
+    axes = tile_axes(shape)
+    for axis in axes:  # windows reach across tile edges along each cut axis longer than a window
+        if not cut_axis(axis, axes) or shape[axis] <= roi[axis]:
             continue
         assert len({lo[axis] for lo, _ in tiles}) > 2
         assert min(hi[axis] - lo[axis] for lo, hi in tiles) < roi[axis]
@@ -123,6 +125,20 @@ def test_tiles_leave_as_soon_as_their_last_window_ran(depth):
         watch["most"] = max(watch["most"], stitcher.held())
     window_depth = torch.Size(live_shape(shape, [roi], [()])).numel() * (CLASSES + 1)
     assert watch["most"] <= 0.6 * window_depth
+
+
+def test_windows_run_sw_batch_size_at_a_time():
+    """Finishing each tile after its last window must not cut the batches short: every batch but the last holds
+    `sw_batch_size` windows (a few-class net runs faster per window in batches)."""
+    conv, sizes = _net(0), []
+
+    def net(x):
+        sizes.append(x.shape[0])
+        return conv(x)
+
+    for _ in SlabStitcher([net], [(12, 10, 16)], [()], sw_batch_size=3).tiles(torch.randn(1, 1, 20, 18, 45)):
+        pass
+    assert len(sizes) > 3 and set(sizes[:-1]) == {3}
 
 
 def test_labels_take_int16_beyond_256_classes():

@@ -2,14 +2,14 @@
 
 `medseg.models.sliding_window.sliding_window_probs` (MONAI's `sliding_window_inference`) holds the C class channels of
 the whole volume, once more per flip: 118 classes on 273 x 273 x 667 voxels (a 512 x 512 x 1000 CT at 1.5 mm) are
-11.7 GB in BF16. Here the windows of every pass (one net, one flip) are visited in the order of their start along
-the longest axis, then the next longest, then the shortest, and the volume is cut into tiles along all three axes
-wherever a window starts or ends. A tile is finished as soon as the last window that touches it has run, and leaves
-(softmax, flips and models averaged, then argmax, and the probabilities only when asked for) before the next window
-runs. Each pass sums its windows into chunks, one per tile, made when a window first reaches them and dropped when
-their tile leaves. What is held at once is about one window-overlap of planes along the longest axis (the planes
-that the windows before and after both reach) plus the part of the next planes the current row of windows has
-reached, whatever the scan's length (benchmarks/RESULTS.md, "Whole-body scale").
+11.7 GB in BF16. Here the windows of every pass (one net, one flip) are visited in rows: by their start along the
+longest axis, then the next longest, then the shortest (`window_order`). The volume is cut into tiles wherever a
+window starts or ends, along every axis but Z unless Z is the longest (`cut_axis`). A tile is finished as soon as
+the last window that touches it has run, and leaves (softmax, flips and models averaged, then argmax, and the
+probabilities only when asked for) before the next window runs. Each pass sums its windows into chunks, one per
+tile, made when a window first reaches them and dropped when their tile leaves. What is held at once is about one
+window-overlap of planes along the longest axis (the planes the rows before and after both reach) plus the part of
+the next planes the current row has reached, whatever the scan's length (benchmarks/RESULTS.md, "Whole-body scale").
 
 MONAI's own `buffer_steps`/`buffer_dim` option buffers slabs on the window device but still writes into a
 whole-volume output and count map on `device` (monai/inferers/utils.py, MONAI 1.6): it bounds GPU memory, not the
@@ -33,21 +33,11 @@ from monai.inferers.utils import _get_scan_interval  # the grid sliding_window_i
 from monai.utils import ensure_tuple_rep, fall_back_tuple
 
 from medseg.inference.stitch_device import release_freed_memory
+from medseg.inference.window_order import cut_axis, slab_axis, tile_axes, visit_rows, window_order
 from medseg.models.sliding_window import mirror_flips, softmax_
 
 Net = Callable[[torch.Tensor], torch.Tensor]
 Block = tuple[int, ...]  # a tile: its block index along each axis of `tile_axes`
-
-
-def tile_axes(shape: Sequence[int]) -> tuple[int, ...]:
-    """The spatial axes (0, 1, 2) in the order windows are visited: longest first (the slab axis), the first of
-    equals first."""
-    return tuple(sorted(range(len(shape)), key=lambda a: (-shape[a], a)))
-
-
-def slab_axis(shape: Sequence[int]) -> int:
-    """The spatial axis (0, 1, 2) the slabs are cut along: the longest (the first of equals)."""
-    return tile_axes(shape)[0]
 
 
 def live_shape(
@@ -59,25 +49,6 @@ def live_shape(
     passes = [(len(mirror_flips(axes)), roi[axis]) for roi, axes in zip(rois, mirror_axes, strict=True)]
     planes = sum(n * min(int(shape[axis]), int(r)) for n, r in passes)
     return tuple(planes if a == axis else int(s) for a, s in enumerate(shape))
-
-
-def visit_rows(starts: Sequence[int], interval: int) -> dict[int, int]:
-    """Window start along one axis -> its row in the visiting order: starts in the order of the axis, a new row
-    wherever a start lies a full scan `interval` past the one before. MONAI moves the window at the image's edge back
-    to end there, closer than `interval` to its neighbour; that window shares its neighbour's row, so the two are
-    run one after the other, not a row apart (at 667 planes the last two rows start 27 planes apart and overlap in
-    101 of 128 planes: run a row apart, those 101 planes' sums of the whole plane were held at once)."""
-    rows, row, before = {}, -1, None
-    for s in sorted(set(starts)):
-        row += before is None or s - before >= interval
-        rows[s], before = row, s
-    return rows
-
-
-def window_order(window: Sequence[int], axes: Sequence[int], rows: Sequence[dict[int, int]]) -> tuple[int, ...]:
-    """The sort key of a window's start: by row along `axes[0]` (the longest), then along `axes[1]`, then by start
-    along the axes from the shortest back, so windows that share a row run one after the other."""
-    return (rows[0][window[axes[0]]], rows[1][window[axes[1]]], *(window[a] for a in reversed(axes)))
 
 
 def label_dtype(num_classes: int) -> torch.dtype:
@@ -125,7 +96,7 @@ class _Pass:
         starts = [tuple(int(lo) for lo, _ in w) for w in dense_patch_slices(padded, roi, interval, return_slice=False)]
         # a window at g on the flipped image covers padded - g - roi .. padded - g here
         starts = [tuple(padded[a] - s - roi[a] if a in flipped else s for a, s in enumerate(w)) for w in starts]
-        rows = [visit_rows([w[a] for w in starts], interval[a]) for a in axes]
+        self.rows = rows = [visit_rows([w[a] for w in starts], interval[a]) for a in axes]
         starts.sort(key=lambda w: window_order(w, axes, rows))  # stable: ties keep MONAI's order
         self.windows: list[tuple[int, ...]] = starts
         weight = compute_importance_map(roi, mode=mode, device=sw_device, dtype=image.dtype)[None, None]
@@ -137,10 +108,14 @@ class _Pass:
         self.chunks: dict[Block, tuple[torch.Tensor, torch.Tensor]] = {}  # tile -> (sums, weights)
 
     def edges(self, k: int) -> set[int]:
-        """Where windows start and end along `axes[k]`, in original coordinates."""
-        a = self.axes[k]
-        starts = {w[a] - self.pad[a][0] for w in self.windows}
-        return starts | {s + self.roi[a] for s in starts}
+        """Where windows start and end along `axes[k]`, in original coordinates; along Z (`cut_axis`) only where
+        they end or a row of windows (`visit_rows`) starts, so the window moved back to the image's edge adds no
+        short block inside its row."""
+        a, starts = self.axes[k], {w[self.axes[k]] for w in self.windows}
+        ends = {s + self.roi[a] for s in starts}
+        if a == 2:
+            starts = {min(s for s in starts if self.rows[k][s] == row) for row in set(self.rows[k].values())}
+        return {edge - self.pad[a][0] for edge in starts | ends}
 
     def set_cuts(self, cuts: list[list[int]]) -> None:
         self.cuts = cuts
@@ -172,12 +147,12 @@ class _Pass:
         return list(itertools.product(*blocks))
 
     def run_for(self, tile: Block, batch_size: int) -> None:
-        """Run the windows (in order, `batch_size` at a time) up to the last that reaches `tile`, and add them to
-        the chunks."""
+        """Run the windows (in order, `batch_size` at a time: the batch that holds the last window reaching `tile`
+        runs whole) up to the last that reaches `tile`, and add them to the chunks."""
         need = self.needed.get(tile, 0)
         while self.done < need:
             first = self.done
-            self.done = min(need, first + batch_size)
+            self.done = min(len(self.windows), first + batch_size)
             self._run(first, self.done)
 
     def _run(self, first: int, stop: int) -> None:
@@ -233,7 +208,7 @@ class _Pass:
 class SlabStitcher:
     """Gaussian-blended sliding windows of one or several nets (an ensemble, their softmax averaged), each with
     test-time flips (softmax averaged over the image and its flips along every subset of its `mirror_axes`),
-    stitched tile by tile (cut along all three axes wherever a window starts or ends).
+    stitched tile by tile (see the module's docstring).
 
     Args:
         nets: callables mapping windows (N, C_in, *roi) to logits (N, C, *roi), in `dtype` (see
@@ -294,7 +269,7 @@ class SlabStitcher:
         # no chunk reaches past the windows run so far)
         cuts = []
         for k, a in enumerate(axes):
-            edges = set().union(*(p.edges(k) for model in passes for p in model))
+            edges = set().union(*(p.edges(k) for model in passes for p in model)) if cut_axis(a, axes) else set()
             cuts.append(sorted(s for s in edges if 0 < s < spatial[a]) + [spatial[a]])
         for model in passes:
             for p in model:
