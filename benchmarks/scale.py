@@ -15,7 +15,8 @@ stitch tile by tile, argmax, `invert_labels` back to 512 x 512 x S; no mirroring
 (slices, classes, dtype, path) runs in a fresh process; peak = that process' peak RSS (`ru_maxrss`, everything
 included: Python, torch, the image as loaded), `predict peak` = the peak after preprocessing (VmHWM reset through
 /proc/self/clear_refs). The whole-volume path is skipped where it would need more than `--max-gb` (its buffers:
-C + 1 channels of the preprocessed volume). `differ`: voxels whose class differs between the two paths.
+C + 1 channels of the preprocessed volume). `differ`: voxels whose class differs between the two paths; `Dice mean
+/ min`: the two paths' masks against each other, over the classes present.
 """
 
 import argparse
@@ -116,6 +117,15 @@ def one_run(ckpt: str, image: str, dtype: str, path: str, sw_batch: int, overlap
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
 
 
+def class_dice(a: np.ndarray, b: np.ndarray, classes: int) -> str:
+    """Dice of two label maps per class present in either, as "mean / min" over those classes."""
+    pairs = np.bincount(a.astype(np.int64).ravel() * classes + b.ravel(), minlength=classes * classes)
+    pairs = pairs.reshape(classes, classes)
+    both, total = np.diag(pairs), pairs.sum(0) + pairs.sum(1)
+    dice = 2 * both[total > 0] / total[total > 0]
+    return f"{dice.mean():.6f} / {dice.min():.6f}"
+
+
 def ct_image(work: Path, xy: int, slices: int, spacing: tuple[float, ...]) -> Path:
     """One CT of xy x xy x slices (generated once per work folder)."""
     root = work / f"ct_{xy}x{xy}x{slices}_{'x'.join(map(str, spacing))}"
@@ -161,6 +171,7 @@ def predict(args: argparse.Namespace) -> list[dict]:
                 if len(masks) == 2:
                     a, b = (np.load(m) for m in masks.values())
                     rows[-1]["differ"] = f"{int((a != b).sum())} of {a.size}"
+                    rows[-1]["dice"] = class_dice(a, b, classes)
                 for m in masks.values():
                     m.unlink()
     print(f"\n{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.xy} x {args.xy} x S "
@@ -178,7 +189,7 @@ def predict(args: argparse.Namespace) -> list[dict]:
             "predict peak MiB": r.get("predict_peak_mib"),
             "time / whole": r["seconds"] / ref["seconds"] if timed and ref else None,
             "peak / whole": r["peak_mib"] / ref["peak_mib"] if timed and ref else None,
-            "differ": r.get("differ", ""), "note": r.get("note", ""),
+            "differ": r.get("differ", ""), "Dice mean / min": r.get("dice", ""), "note": r.get("note", ""),
         })  # fmt: skip
     print(markdown_table(table))
     return rows
