@@ -33,7 +33,7 @@ from monai.inferers.utils import _get_scan_interval  # the grid sliding_window_i
 from monai.utils import ensure_tuple_rep, fall_back_tuple
 
 from medseg.inference.stitch_device import release_freed_memory
-from medseg.inference.window_order import cut_axis, slab_axis, tile_axes, visit_rows, window_order
+from medseg.inference.window_order import CONTIGUOUS_AXIS, cut_axis, slab_axis, tile_axes, visit_rows, window_order
 from medseg.models.sliding_window import mirror_flips, softmax_
 
 Net = Callable[[torch.Tensor], torch.Tensor]
@@ -111,9 +111,10 @@ class _Pass:
         """Where windows start and end along `axes[k]`, in original coordinates; along Z (`cut_axis`) only where
         they end or a row of windows (`visit_rows`) starts, so the window moved back to the image's edge adds no
         short block inside its row."""
-        a, starts = self.axes[k], {w[self.axes[k]] for w in self.windows}
+        a = self.axes[k]
+        starts = {w[a] for w in self.windows}
         ends = {s + self.roi[a] for s in starts}
-        if a == 2:
+        if a == CONTIGUOUS_AXIS:
             starts = {min(s for s in starts if self.rows[k][s] == row) for row in set(self.rows[k].values())}
         return {edge - self.pad[a][0] for edge in starts | ends}
 

@@ -3,6 +3,9 @@ tiles: what sets the memory the stitching holds and how fast a window's logits a
 
 from collections.abc import Sequence
 
+# The spatial axis whose voxels lie next to each other in memory in (B, C, X, Y, Z) tensors: Z.
+CONTIGUOUS_AXIS = 2
+
 
 def tile_axes(shape: Sequence[int]) -> tuple[int, ...]:
     """The spatial axes (0, 1, 2) in the order windows are visited: longest first (the slab axis), the first of
@@ -33,7 +36,7 @@ def cut_axis(axis: int, axes: Sequence[int]) -> bool:
     voxels lie next to each other in memory; a window's logits added to tiles cut along Z are read in short pieces
     of rows, at several times the time of whole rows (a 118-class 128^3 BF16 window: 0.36 s into 8 tiles, 0.08 s
     into one; benchmarks/RESULTS.md, "Whole-body scale")."""
-    return axis != 2 or axis == axes[0]
+    return axis != CONTIGUOUS_AXIS or axis == axes[0]
 
 
 def window_order(window: Sequence[int], axes: Sequence[int], rows: Sequence[dict[int, int]]) -> tuple[int, ...]:
