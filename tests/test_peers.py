@@ -82,21 +82,6 @@ def test_bad_arguments_stop_with_one_line(peers, tmp_path: Path, capsys) -> None
     assert "--fold must be in [0, --folds=5)" in capsys.readouterr().err
 
 
-def _nnunet_installable(version: str) -> str | None:
-    """None when pip can fetch nnunetv2 from the package index, else why not."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", "/tmp/medseg_peers_probe",
-             f"nnunetv2=={version}"],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"pip could not run: {err}"
-    if done.returncode != 0:
-        return f"nnunetv2=={version} cannot be downloaded (no network or package index?): {done.stderr.strip()[-200:]}"
-    return None
-
-
 @pytest.mark.slow
 def test_smoke_comparison_runs_end_to_end(peers, tmp_path: Path) -> None:
     """`nnunet.py --smoke`: nnunetv2 installed into its own venv (or $MEDSEG_PEERS_VENV, kept between runs),
@@ -104,7 +89,7 @@ def test_smoke_comparison_runs_end_to_end(peers, tmp_path: Path) -> None:
     import nnunet_env
     import report
 
-    reason = _nnunet_installable(nnunet_env.NNUNET_VERSION)
+    reason = nnunet_env.why_not_installable(nnunet_env.NNUNET_VERSION)
     if reason:
         pytest.skip(reason)
     work = tmp_path / "work"

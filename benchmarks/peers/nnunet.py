@@ -93,6 +93,10 @@ def stage_msd(msd: Path, work: Path) -> Path:
     return staged
 
 
+def cpu_name() -> str:
+    return next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+
+
 def case_id(path: str) -> str:
     return Path(path).name.removesuffix(".gz").removesuffix(".nii")
 
@@ -153,12 +157,11 @@ class Comparison:
         self.dataset = None  # DatasetXXX_Name, after conversion
 
     def setup_facts(self) -> dict:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
         return {
             "msd": str(self.args.msd),
             "budget": self.args.budget,
             "smoke": self.args.smoke,
-            "cpu": cpu,
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "nnunetv2": self.args.nnunet_version,

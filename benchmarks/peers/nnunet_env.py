@@ -46,6 +46,21 @@ def install(venv: Path, version: str = NNUNET_VERSION, log: Path | None = None) 
     register_trainer(venv)
 
 
+def why_not_installable(version: str = NNUNET_VERSION) -> str | None:
+    """None when pip can fetch nnunetv2==`version` from the package index, else why not (tests skip with it)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", "/tmp/medseg_peers_probe",
+             f"nnunetv2=={version}"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"pip could not run: {err}"
+    if done.returncode != 0:
+        return f"nnunetv2=={version} cannot be downloaded (no network or package index?): {done.stderr.strip()[-200:]}"
+    return None
+
+
 def register_trainer(venv: Path) -> Path:
     """Copy budget_trainer.py into the installed `nnunetv2.training.nnUNetTrainer` package, where both training
     and prediction look trainers up by class name. Copied on every run, so an edited trainer is the one used."""

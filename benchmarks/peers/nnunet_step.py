@@ -18,6 +18,17 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
+def planned_trainer(preprocessed: Path) -> tuple[nnUNetTrainer, dict]:
+    """nnU-Net's own `nnUNetTrainer` of the folder's `3d_fullres` plan, initialised (network built, random
+    weights), on the CPU; and the folder's dataset.json. Its output folder follows $nnUNet_results."""
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # nnU-Net 2.8's trainer pops it (run_training.py sets it)
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    trainer = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    trainer.initialize()
+    return trainer, dataset_json
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("preprocessed", type=Path, help="nnUNet_preprocessed/DatasetXXX_Name")
@@ -25,11 +36,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(multiprocessing.cpu_count())  # what nnUNetv2_train -device cpu does
-    plans = json.loads((args.preprocessed / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
-    dataset_json = json.loads((args.preprocessed / "dataset.json").read_text())
-    trainer = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
-    trainer.initialize()
+    trainer, dataset_json = planned_trainer(args.preprocessed)
     trainer.network.train()
     patch, batch = list(trainer.configuration_manager.patch_size), trainer.batch_size
     gen = torch.Generator().manual_seed(0)

@@ -20,6 +20,22 @@ class Timed:
     peak_mib: float
 
 
+class MemoryLimitExceeded(RuntimeError):
+    """The command's tree passed `max_mib` and was stopped after `seconds`, at `peak_mib`."""
+
+    def __init__(self, cmd: str, seconds: float, peak_mib: float, max_mib: float) -> None:
+        super().__init__(f"{cmd}: stopped at {peak_mib:.0f} MiB (limit {max_mib:.0f} MiB) after {seconds:.0f} s")
+        self.seconds, self.peak_mib = seconds, peak_mib
+
+
+def stop_tree(proc: psutil.Process) -> None:
+    for p in [*proc.children(recursive=True), proc]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def tree_rss_mib(proc: psutil.Process) -> float:
     """RSS of `proc` and its descendants, in MiB. Summed RSS counts pages shared by forked workers once per
     process: an upper bound on what the tree holds, the same bound for every tool."""
@@ -32,8 +48,12 @@ def tree_rss_mib(proc: psutil.Process) -> float:
     return total / 2**20
 
 
-def run_timed(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Timed:
-    """Run `cmd` (stdout and stderr into `log`), sampling its tree's memory; raise naming the log on failure."""
+def run_timed(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None, max_mib: float | None = None
+) -> Timed:
+    """Run `cmd` (stdout and stderr into `log`), sampling its tree's memory; raise naming the log on failure, and
+    `MemoryLimitExceeded` after stopping the tree once its memory passes `max_mib` (a peer's run that would
+    otherwise take the machine's last memory and the measuring process with it)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         out.write("$ " + " ".join(cmd) + "\n")
@@ -46,6 +66,10 @@ def run_timed(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd:
                 peak = max(peak, tree_rss_mib(proc))
             except psutil.NoSuchProcess:
                 pass
+            if max_mib is not None and peak > max_mib:
+                stop_tree(proc)
+                child.wait()
+                raise MemoryLimitExceeded(cmd[0], time.perf_counter() - start, peak, max_mib)
             time.sleep(SAMPLE_SECONDS)
         seconds = time.perf_counter() - start
     if child.returncode != 0:
