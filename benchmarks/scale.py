@@ -5,6 +5,7 @@ classes and slices, the whole-volume path (`sliding_window_probs`, before slab s
     PYTHONPATH=. python benchmarks/scale.py predict                   # classes 3 26 118 x slices 300 1000 x bf16 fp32
     PYTHONPATH=. python benchmarks/scale.py predict --classes 118 --slices 1000 --paths slab   # the issue's target
     PYTHONPATH=. python benchmarks/scale.py predict --smoke           # 64 x 64 x 80, 3 and 8 classes: end to end
+    PYTHONPATH=. python benchmarks/scale.py agree --ckpt RUN --images IMG... [--stack-z 2]  # a trained net
 
 `generate`: an MSD folder of CT cases (`medseg.data.synthetic.write_ct_dataset`: HU intensities, 117 organ-like
 classes, CT affines, 0.8 x 0.8 x 1.5 mm unless `--spacing`). `predict`: per slice count one 512 x 512 x S CT
@@ -17,6 +18,8 @@ included: Python, torch, the image as loaded), `predict peak` = the peak after p
 /proc/self/clear_refs). The whole-volume path is skipped where it would need more than `--max-gb` (its buffers:
 C + 1 channels of the preprocessed volume). `differ`: voxels whose class differs between the two paths; `Dice mean
 / min`: the two paths' masks against each other, over the classes present.
+`agree`: a trained checkpoint on real images (a random net's classes are near-ties everywhere, so its Dice measures
+rounding more than a user would see): each dtype's tiles-path mask against its whole-volume mask and against FP32's.
 """
 
 import argparse
@@ -117,6 +120,20 @@ def one_run(ckpt: str, image: str, dtype: str, path: str, sw_batch: int, overlap
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
 
 
+def run_one(ckpt: Path, image: Path, dtype: str, path: str, args: argparse.Namespace, mask: Path) -> dict:
+    """`one_run` in a fresh process (its peak is its own); its result, or a note saying why it failed."""
+    cmd = [sys.executable, __file__, "_one", str(ckpt), str(image), dtype, path, str(args.sw_batch), str(args.overlap),
+           str(mask)]  # fmt: skip
+    before = load_avg()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr[-2000:], file=sys.stderr)
+        return {"note": f"failed: {out.stderr.strip().splitlines()[-1][:80]}"}
+    result = {**json.loads(out.stdout.strip().splitlines()[-1]), "load": f"{before} -> {load_avg()}"}
+    print(f"  {path} {dtype} {image.name}: {result}", file=sys.stderr, flush=True)
+    return result
+
+
 def class_dice(a: np.ndarray, b: np.ndarray, classes: int) -> str:
     """Dice of two label maps per class present in either, as "mean / min" over those classes."""
     pairs = np.bincount(a.astype(np.int64).ravel() * classes + b.ravel(), minlength=classes * classes)
@@ -156,18 +173,9 @@ def predict(args: argparse.Namespace) -> list[dict]:
                         rows.append({**row, "note": f"skipped: needs ~{need:.0f} GiB"})
                         continue
                     mask = work / f"mask_{slices}_{classes}_{dtype}_{path}.npy"
-                    cmd = [sys.executable, __file__, "_one", str(ckpt), str(image), dtype, path, str(args.sw_batch),
-                           str(args.overlap), str(mask)]  # fmt: skip
-                    before = load_avg()
-                    out = subprocess.run(cmd, capture_output=True, text=True)
-                    if out.returncode != 0:
-                        rows.append({**row, "note": f"failed: {out.stderr.strip().splitlines()[-1][:80]}"})
-                        print(out.stderr[-2000:], file=sys.stderr)
-                        continue
-                    result = json.loads(out.stdout.strip().splitlines()[-1])
-                    rows.append({**row, **result, "load": f"{before} -> {load_avg()}"})
-                    masks[path] = mask
-                    print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+                    rows.append({**row, **run_one(ckpt, image, dtype, path, args, mask)})
+                    if mask.is_file():
+                        masks[path] = mask
                 if len(masks) == 2:
                     a, b = (np.load(m) for m in masks.values())
                     rows[-1]["differ"] = f"{int((a != b).sum())} of {a.size}"
@@ -192,6 +200,49 @@ def predict(args: argparse.Namespace) -> list[dict]:
             "differ": r.get("differ", ""), "Dice mean / min": r.get("dice", ""), "note": r.get("note", ""),
         })  # fmt: skip
     print(markdown_table(table))
+    return rows
+
+
+def stack_z(image: Path, copies: int, work: Path) -> Path:
+    """The image repeated `copies` times along its third axis, saved in `work`: a head scan made longer than it is
+    wide, as a whole-body CT is, so that the tiles path visits windows in another order than MONAI."""
+    import nibabel as nib
+
+    img = nib.load(image)
+    data = np.concatenate([np.asanyarray(img.dataobj)] * copies, axis=2)
+    out = work / f"stack{copies}_{image.name}"
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), out)
+    return out
+
+
+def agree(args: argparse.Namespace) -> list[dict]:
+    """A trained checkpoint on real images: per image and dtype, the tiles path's mask against the whole-volume
+    path's of the same dtype, and each against FP32's whole-volume mask (no low-precision sums)."""
+    work = Path(args.work or tempfile.mkdtemp(prefix="medseg_agree_"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for image in map(Path, args.images):
+        image = stack_z(image, args.stack_z, work) if args.stack_z > 1 else image
+        masks, grid = {}, ""
+        for dtype in args.dtypes:
+            for path in ("whole", "slab"):
+                mask = work / f"mask_{dtype}_{path}.npy"
+                result = run_one(Path(args.ckpt), image, dtype, path, args, mask)
+                if "note" in result:
+                    rows.append({"image": image.name, "dtype": dtype, "path": path, "note": result["note"]})
+                    continue
+                masks[dtype, path], grid = np.load(mask), "x".join(map(str, result["shape"]))
+                mask.unlink()
+        classes = 1 + int(max(m.max() for m in masks.values())) if masks else 0
+        for (dtype, path), m in masks.items():
+            row = {"image": image.name, "net grid": grid, "dtype": dtype, "path": path}
+            for name, ref in (("whole", masks.get((dtype, "whole"))), ("fp32 whole", masks.get(("fp32", "whole")))):
+                if ref is not None and ref is not m:
+                    row[f"differ vs {name}"] = int((m != ref).sum())
+                    row[f"Dice vs {name} (mean / min)"] = class_dice(m, ref, classes)
+            rows.append(row)
+    print(f"\n{cpu_name()}, torch {torch.__version__}; checkpoint {args.ckpt}; no mirroring, no postprocessing\n")
+    print(markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
     return rows
 
 
@@ -231,12 +282,20 @@ def main(argv: list[str] | None = None):
     p.add_argument("--max-gb", type=float, default=16.0, help="skip the whole-volume path above this estimate")
     p.add_argument("--work", help="folder for the CT images and checkpoints (kept, reused); default a temp folder")
     p.add_argument("--smoke", action="store_true", help="64 x 64 x 80, 3 and 8 classes, 32^3 windows")
+    p = sub.add_parser("agree")
+    p.add_argument("--ckpt", required=True, help="a trained checkpoint or run folder")
+    p.add_argument("--images", nargs="+", required=True, help="NIfTI images the checkpoint was trained for")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    p.add_argument("--stack-z", type=int, default=1, help="repeat each image N times along its third axis")
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--sw-batch", type=int, default=2)
+    p.add_argument("--work", help="folder for crops and masks; default a temp folder")
     args = parser.parse_args(argv)
     if args.command == "predict" and args.smoke:
         args.xy, args.slices, args.roi = 64, [80], 32
     if args.command == "predict" and not args.classes:
         args.classes = [3, 8] if args.smoke else [3, 26, 118]
-    return {"generate": generate, "predict": predict}[args.command](args)
+    return {"generate": generate, "predict": predict, "agree": agree}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,23 @@ def test_scale_benchmark_prints_whole_and_slab_rows(tmp_path, capsys):
     assert "| 80 | 35x35x54 | 5 | fp32 | slab |" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # four fresh processes
+def test_agreement_table_on_a_trained_checkpoint(two_checkpoints, tmp_path, capsys):
+    """`scale.py agree`: a trained run on a scan stacked twice along Z: FP32's two paths agree to the voxel; BF16 rows
+    are scored against both references; the stacked scan is twice as long and keeps the first copy as it was."""
+    scan = _long_scan(tmp_path / "in")
+    args = ["agree", "--ckpt", str(two_checkpoints[0]), "--images", str(scan), "--stack-z", "2"]
+    rows = _scale().main([*args, "--dtypes", "bf16", "fp32", "--work", str(tmp_path / "agree")])
+    by = {(r["dtype"], r["path"]): r for r in rows}
+    assert set(by) == {(d, p) for d in ("bf16", "fp32") for p in ("whole", "slab")}, rows
+    assert by["fp32", "slab"]["differ vs whole"] == 0 and "differ vs whole" not in by["fp32", "whole"]
+    assert {"Dice vs whole (mean / min)", "Dice vs fp32 whole (mean / min)"} <= set(by["bf16", "slab"])
+    stacked = nib.load(tmp_path / "agree" / "stack2_long.nii.gz")
+    assert stacked.shape == (30, 26, 220)
+    np.testing.assert_array_equal(stacked.get_fdata()[..., :110], nib.load(scan).get_fdata())
+    assert "| stack2_long.nii.gz |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("planes", [64, 7])
 def test_label_inversion_plane_by_plane_equals_invertd(two_checkpoints, tmp_path, planes):
     """Random class indices on the net's grid of an LPS, anisotropic scan (every voxel a different test of the
