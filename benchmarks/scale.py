@@ -173,8 +173,9 @@ def predict(args: argparse.Namespace) -> list[dict]:
                         rows.append({**row, "note": f"skipped: needs ~{need:.0f} GiB"})
                         continue
                     mask = work / f"mask_{slices}_{classes}_{dtype}_{path}.npy"
-                    rows.append({**row, **run_one(ckpt, image, dtype, path, args, mask)})
-                    if mask.is_file():
+                    result = run_one(ckpt, image, dtype, path, args, mask)
+                    rows.append({**row, **result})
+                    if "note" not in result:
                         masks[path] = mask
                 if len(masks) == 2:
                     a, b = (np.load(m) for m in masks.values())
@@ -289,8 +290,10 @@ def main(argv: list[str] | None = None):
     p.add_argument("--stack-z", type=int, default=1, help="repeat each image N times along its third axis")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--sw-batch", type=int, default=2)
-    p.add_argument("--work", help="folder for crops and masks; default a temp folder")
+    p.add_argument("--work", help="folder for stacked images and masks; default a temp folder")
     args = parser.parse_args(argv)
+    if args.command == "agree" and args.stack_z < 1:
+        parser.error(f"--stack-z must be at least 1, got {args.stack_z}")
     if args.command == "predict" and args.smoke:
         args.xy, args.slices, args.roi = 64, [80], 32
     if args.command == "predict" and not args.classes:

@@ -116,6 +116,12 @@ def test_agreement_table_on_a_trained_checkpoint(two_checkpoints, tmp_path, caps
     assert "| stack2_long.nii.gz |" in capsys.readouterr().out
 
 
+def test_agreement_refuses_a_stack_of_no_copies(capsys):
+    with pytest.raises(SystemExit):
+        _scale().main(["agree", "--ckpt", "x.ckpt", "--images", "x.nii.gz", "--stack-z", "0"])
+    assert "--stack-z must be at least 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("planes", [64, 7])
 def test_label_inversion_plane_by_plane_equals_invertd(two_checkpoints, tmp_path, planes):
     """Random class indices on the net's grid of an LPS, anisotropic scan (every voxel a different test of the
