@@ -177,8 +177,10 @@ def test_monitor_and_advisor_copy_the_masters_once_a_step(
     """The monitor (every 2nd step: 1, 3, 5) and the advisor's lost-update sampling (every `advisor_every`-th)
     read one copy of the masters per step: on a step where both sample, the same tensor, not two copies."""
     copies: list[int] = []
-    monitor_copies: list[int] = []  # storage of the copy the monitor compared against, per sampled step
-    advisor_copies: list[set[int]] = []
+    # the copies themselves, kept alive to the end: a freed copy's address is reused by the next step's copy, so
+    # comparing addresses of copies from different steps would find "one copy" where there were two
+    monitor_copies: list[torch.Tensor] = []
+    advisor_copies: list[list[torch.Tensor]] = []
     snapshot, frac, record = Masters.snapshot, PrecisionMonitor._update_lost_frac, PrecisionAdvisor.record_lost_updates
 
     def counted(self: Masters):
@@ -186,11 +188,11 @@ def test_monitor_and_advisor_copy_the_masters_once_a_step(
         return snapshot(self)
 
     def monitor_frac(self, pairs):
-        monitor_copies.extend(before.untyped_storage().data_ptr() for _, before in pairs)
+        monitor_copies.extend(before for _, before in pairs)
         return frac(self, pairs)
 
     def advisor_record(self, names, before, after, dtype):
-        advisor_copies.append({b.untyped_storage().data_ptr() for b in before})
+        advisor_copies.append(list(before))
         return record(self, names, before, after, dtype)
 
     monkeypatch.setattr(Masters, "snapshot", counted)
@@ -199,8 +201,10 @@ def test_monitor_and_advisor_copy_the_masters_once_a_step(
     advisor = PrecisionAdvisor(lost_update_every=advisor_every)
     _, run = fit_tiny(tmp_path, plugins=[MasterWeightPrecision("bfloat16", advisor=advisor)], max_steps=6)
     assert sum(copies) == len(copied_steps)  # a copy on each step someone samples, one only
-    # both alive during the step, so one storage means one copy
-    assert sum(len(a) == 1 and a <= set(monitor_copies) for a in advisor_copies) == shared_steps
+    # every copy is still alive, so one storage means one copy
+    monitor_storages = {b.untyped_storage().data_ptr() for b in monitor_copies}
+    advisor_storages = [{b.untyped_storage().data_ptr() for b in a} for a in advisor_copies]
+    assert sum(len(a) == 1 and a <= monitor_storages for a in advisor_storages) == shared_steps
     assert list(run.get("precision/update_lost_frac")[0]) == [1, 3, 5]
     assert advisor.lost_updates and all(0 <= share <= 1 for share in advisor.lost_updates.values())
 
