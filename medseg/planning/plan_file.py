@@ -21,6 +21,13 @@ def _duration(seconds: float) -> str:
     return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def fit_seconds(plan: TrainingPlan) -> float:
+    """`trainer.max_time`, which bounds `fit` alone: the budget less the planning and the final test pass, so that
+    the whole run fits the budget (at least half of it is left to `fit`)."""
+    budget = plan.budget.time_seconds
+    return max(budget / 2, budget - plan.planning_seconds - plan.test_seconds)
+
+
 def plan_config(plan: TrainingPlan) -> dict:
     """The keys the plan sets, nested as in conf/train.yaml."""
     data = {"root": plan.root, "spacing": plan.spacing, "patch_size": plan.patch, "batch_size": plan.batch}
@@ -37,7 +44,7 @@ def plan_config(plan: TrainingPlan) -> dict:
         },
         "trainer": {
             **({"max_epochs": plan.epochs} if plan.epochs else {}),
-            "max_time": _duration(plan.budget.time_seconds),
+            "max_time": _duration(fit_seconds(plan)),
             "check_val_every_n_epoch": plan.val_every,
         },
     }
@@ -56,7 +63,9 @@ def plan_yaml(plan: TrainingPlan) -> str:
         f"{OVERHEAD_BYTES // 2**20} MiB) of a "
         f"{plan.budget.memory / gib:.2f} "
         "GiB budget",
-        f"# time budget {_duration(plan.budget.time_seconds)}; step "
+        f"# time budget {_duration(plan.budget.time_seconds)} (fit {_duration(fit_seconds(plan))}: planning took "
+        f"{plan.planning_seconds:.0f} s, the final test pass is estimated at {plan.test_seconds:.0f} s)",
+        "# step "
         + (f"{plan.step_seconds:.2f} s (measured)" if plan.step_seconds else "not measured")
         + (f" ({plan.step_seconds / plan.batch:.2f} s a patch)" if plan.step_seconds else "")
         + (f", budget {plan.budget.patch_seconds:.2f} s a patch" if plan.budget.patch_seconds else "")

@@ -132,6 +132,10 @@ class TrainingPlan:
     step_seconds: float | None = None
     epochs: int | None = None  # None: no step time measured; trainer.max_time alone stops the run
     val_every: int = 1
+    # Wall time the run spends outside `fit`, taken off `trainer.max_time` (which bounds `fit` alone) so that the
+    # whole run, planning to final test, fits the budget: planning at start-up, and the final test pass's estimate.
+    planning_seconds: float = 0.0
+    test_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     model: str = "dynunet"  # the conf/model the plan is for (`PlannedNet.name`); filters and strides: DynUNet only
 
@@ -238,6 +242,7 @@ def training_length(plan: TrainingPlan, num_cases: int, val_fraction: float) -> 
     forward = plan.step_seconds / plan.batch / 3  # one patch's forward: a third of its forward+backward
     val_round = num_val * windows * forward
     test_pass = 8 * val_round
+    plan.test_seconds = float(min(test_pass, VAL_SHARE * plan.budget.time_seconds))
     # at least 2 rounds: one by the middle of the run, so a run stopped early by max_time still has a best checkpoint
     rounds = int(np.clip((VAL_SHARE * plan.budget.time_seconds - test_pass) // max(val_round, 1e-9), 2, VAL_ROUNDS))
     seconds = plan.budget.time_seconds * TRAIN_SHARE - min(
