@@ -5,7 +5,7 @@ classes and slices, the whole-volume path (`sliding_window_probs`, before slab s
     PYTHONPATH=. python benchmarks/scale.py predict                   # classes 3 26 118 x slices 300 1000 x bf16 fp32
     PYTHONPATH=. python benchmarks/scale.py predict --classes 118 --slices 1000 --paths slab   # the issue's target
     PYTHONPATH=. python benchmarks/scale.py predict --smoke           # 64 x 64 x 80, 3 and 8 classes: end to end
-    PYTHONPATH=. python benchmarks/scale.py agree --ckpt RUN --images IMG... [--stack-z 2]  # a trained net
+    PYTHONPATH=. python benchmarks/scale.py agree --ckpt RUN --images IMG... [--stack-z 2] [--labels DIR]  # trained
 
 `generate`: an MSD folder of CT cases (`medseg.data.synthetic.write_ct_dataset`: HU intensities, 117 organ-like
 classes, CT affines, 0.8 x 0.8 x 1.5 mm unless `--spacing`). `predict`: per slice count one 512 x 512 x S CT
@@ -19,7 +19,9 @@ included: Python, torch, the image as loaded), `predict peak` = the peak after p
 C + 1 channels of the preprocessed volume). `differ`: voxels whose class differs between the two paths; `Dice mean
 / min`: the two paths' masks against each other, over the classes present.
 `agree`: a trained checkpoint on real images (a random net's classes are near-ties everywhere, so its Dice measures
-rounding more than a user would see): each dtype's tiles-path mask against its whole-volume mask and against FP32's.
+rounding more than a user would see): each dtype's tiles-path mask against its whole-volume mask and against FP32's,
+and with `--labels` against the truth. `generate --levels fixed` writes CT whose organ k keeps its HU level in every
+case, which a net can learn: the way to a trained many-class net here, where no real CT is.
 """
 
 import argparse
@@ -216,13 +218,28 @@ def stack_z(image: Path, copies: int, work: Path) -> Path:
     return out
 
 
+def label_map(label: Path, copies: int, work: Path) -> np.ndarray:
+    """The ground truth for an image, stacked as `stack_z` stacks the image (uint8 X, Y, Z)."""
+    import nibabel as nib
+
+    if copies > 1:
+        (work / "labels").mkdir(exist_ok=True)
+        label = stack_z(label, copies, work / "labels")
+    return np.asarray(nib.load(label).dataobj).round().astype(np.uint8)
+
+
 def agree(args: argparse.Namespace) -> list[dict]:
     """A trained checkpoint on real images: per image and dtype, the tiles path's mask against the whole-volume
     path's of the same dtype, and each against FP32's whole-volume mask (no low-precision sums)."""
     work = Path(args.work or tempfile.mkdtemp(prefix="medseg_agree_"))
     work.mkdir(parents=True, exist_ok=True)
+    missing = [str(Path(args.labels) / Path(i).name) for i in args.images if args.labels]
+    missing = [m for m in missing if not Path(m).is_file()]
+    if missing:  # before any prediction runs
+        raise SystemExit(f"agree --labels: no label file for these images: {', '.join(missing)}")
     rows = []
     for image in map(Path, args.images):
+        truth = label_map(Path(args.labels) / image.name, args.stack_z, work) if args.labels else None
         image = stack_z(image, args.stack_z, work) if args.stack_z > 1 else image
         masks, grid = {}, ""
         for dtype in args.dtypes:
@@ -234,10 +251,11 @@ def agree(args: argparse.Namespace) -> list[dict]:
                     continue
                 masks[dtype, path], grid = np.load(mask), "x".join(map(str, result["shape"]))
                 mask.unlink()
-        classes = 1 + int(max(m.max() for m in masks.values())) if masks else 0
+        classes = 1 + int(max(m.max() for m in [*masks.values(), *([truth] if truth is not None else [])]))
         for (dtype, path), m in masks.items():
             row = {"image": image.name, "net grid": grid, "dtype": dtype, "path": path}
-            for name, ref in (("whole", masks.get((dtype, "whole"))), ("fp32 whole", masks.get(("fp32", "whole")))):
+            refs = [("whole", masks.get((dtype, "whole"))), ("fp32 whole", masks.get(("fp32", "whole")))]
+            for name, ref in [*refs, ("truth", truth)]:
                 if ref is not None and ref is not m:
                     row[f"differ vs {name}"] = int((m != ref).sum())
                     row[f"Dice vs {name} (mean / min)"] = class_dice(m, ref, classes)
@@ -249,7 +267,7 @@ def agree(args: argparse.Namespace) -> list[dict]:
 
 def generate(args: argparse.Namespace) -> Path:
     start = time.perf_counter()
-    root = write_ct_dataset(args.out, args.cases, args.classes, args.shape, args.spacing, args.seed)
+    root = write_ct_dataset(args.out, args.cases, args.classes, args.shape, args.spacing, args.seed, args.levels)
     print(f"wrote {args.cases} case(s) of {args.shape} to {root} in {time.perf_counter() - start:.0f} s")
     return root
 
@@ -270,6 +288,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--classes", type=int, default=CT_CLASSES)
     p.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 1.5))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--levels", choices=["random", "fixed"], default="random", help="organ HU levels (make_ct_case)")
     p = sub.add_parser("predict")
     p.add_argument("--classes", type=int, nargs="+", help="default 3 26 118 (--smoke: 3 8)")
     p.add_argument("--slices", type=int, nargs="+", default=[300, 1000])
@@ -288,6 +307,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--images", nargs="+", required=True, help="NIfTI images the checkpoint was trained for")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--stack-z", type=int, default=1, help="repeat each image N times along its third axis")
+    p.add_argument("--labels", help="a folder of the images' labels (same file names): each mask's Dice vs truth")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--sw-batch", type=int, default=2)
     p.add_argument("--work", help="folder for stacked images and masks; default a temp folder")

@@ -9,7 +9,7 @@ import torch
 from monai.data import load_decathlon_datalist
 
 from medseg.data.datamodule import MSDDataModule
-from medseg.data.synthetic import write_synthetic_dataset
+from medseg.data.synthetic import fixed_levels, make_ct_case, write_synthetic_dataset
 
 from .conftest import shared_dataset
 
@@ -32,6 +32,20 @@ def test_synthetic_is_valid_msd_and_deterministic(tmp_path):
     # Not all cases are RAS: orientation handling is exercised.
     codes = {nib.aff2axcodes(nib.load(i["image"]).affine) for i in items}
     assert len(codes) > 1
+
+
+@pytest.mark.parametrize("levels", ["fixed", "random"])
+def test_ct_organs_keep_their_level_in_every_case_only_when_fixed(levels):
+    """`levels="fixed"`: organ k's mean HU is its `fixed_levels` entry in each of two cases (a task a net can learn);
+    "random" (the benchmarks' default) draws a level per case, so some organ's mean moves by far more than noise."""
+    rng = np.random.default_rng(0)
+    (a, la), (b, lb) = (make_ct_case(rng, (40, 40, 48), 9, levels) for _ in range(2))
+    means = [[image[label == k].mean() for k in range(1, 9)] for image, label in ((a, la), (b, lb))]
+    moved = np.abs(np.subtract(*means)).max()
+    if levels == "fixed":
+        np.testing.assert_allclose(means, [fixed_levels(9)] * 2, atol=5)  # 15 HU noise over >= 8 voxels
+    else:
+        assert moved > 50, means
 
 
 def test_datamodule_synthetic_batches(tiny_dataset, tmp_path):

@@ -37,12 +37,15 @@ def two_checkpoints(tiny_dataset, tmp_path_factory):
 
 
 def _long_scan(folder):
-    """An LPS, anisotropic (1.1 x 0.9 x 1.2 mm) scan, longest along Z: several slabs at the run's spacing."""
+    """An LPS, anisotropic (1.1 x 0.9 x 1.2 mm) scan, longest along Z: several slabs at the run's spacing; its
+    label, of the same name, in folder/labels."""
     from medseg.data.synthetic import make_case
 
-    image, _ = make_case(np.random.default_rng(3), (30, 26, 110))
-    folder.mkdir(parents=True)
-    nib.save(nib.Nifti1Image(image, np.diag([-1.1, -0.9, 1.2, 1.0])), folder / "long.nii.gz")
+    image, label = make_case(np.random.default_rng(3), (30, 26, 110))
+    (folder / "labels").mkdir(parents=True)
+    affine = np.diag([-1.1, -0.9, 1.2, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), folder / "long.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), folder / "labels" / "long.nii.gz")
     return folder / "long.nii.gz"
 
 
@@ -105,11 +108,14 @@ def test_agreement_table_on_a_trained_checkpoint(two_checkpoints, tmp_path, caps
     are scored against both references; the stacked scan is twice as long and keeps the first copy as it was."""
     scan = _long_scan(tmp_path / "in")
     args = ["agree", "--ckpt", str(two_checkpoints[0]), "--images", str(scan), "--stack-z", "2"]
+    args += ["--labels", str(scan.parent / "labels")]
     rows = _scale().main([*args, "--dtypes", "bf16", "fp32", "--work", str(tmp_path / "agree")])
     by = {(r["dtype"], r["path"]): r for r in rows}
     assert set(by) == {(d, p) for d in ("bf16", "fp32") for p in ("whole", "slab")}, rows
     assert by["fp32", "slab"]["differ vs whole"] == 0 and "differ vs whole" not in by["fp32", "whole"]
     assert {"Dice vs whole (mean / min)", "Dice vs fp32 whole (mean / min)"} <= set(by["bf16", "slab"])
+    # scored against the label stacked as the scan is (a label left unstacked would fail to compare at all)
+    assert all("Dice vs truth (mean / min)" in r and 0 <= r["differ vs truth"] < 30 * 26 * 220 for r in rows), rows
     stacked = nib.load(tmp_path / "agree" / "stack2_long.nii.gz")
     assert stacked.shape == (30, 26, 220)
     np.testing.assert_array_equal(stacked.get_fdata()[..., :110], nib.load(scan).get_fdata())
@@ -120,6 +126,13 @@ def test_agreement_refuses_a_stack_of_no_copies(capsys):
     with pytest.raises(SystemExit):
         _scale().main(["agree", "--ckpt", "x.ckpt", "--images", "x.nii.gz", "--stack-z", "0"])
     assert "--stack-z must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_agreement_names_a_missing_label_before_predicting(tmp_path):
+    scan = _long_scan(tmp_path / "in")
+    (scan.parent / "labels" / "long.nii.gz").unlink()
+    with pytest.raises(SystemExit, match=f"no label file for these images: {scan.parent / 'labels' / 'long.nii.gz'}"):
+        _scale().main(["agree", "--ckpt", "x.ckpt", "--images", str(scan), "--labels", str(scan.parent / "labels")])
 
 
 @pytest.mark.parametrize("planes", [64, 7])

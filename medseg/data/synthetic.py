@@ -123,18 +123,32 @@ def _organ_boxes(rng: np.random.Generator, shape: np.ndarray, num_organs: int) -
     return list(zip(centres, radii, strict=True))
 
 
+def fixed_levels(num_classes: int) -> np.ndarray:
+    """HU level of classes 1..num_classes-1 when a class keeps its level in every case: evenly spaced over
+    100..3000 HU, above the body's -100..40, so that a net can learn which organ a voxel is from its intensity."""
+    return np.linspace(100.0, 3000.0, num_classes - 1)
+
+
 def make_ct_case(
-    rng: np.random.Generator, shape: tuple[int, int, int], num_classes: int
+    rng: np.random.Generator, shape: tuple[int, int, int], num_classes: int, levels: str = "random"
 ) -> tuple[np.ndarray, np.ndarray]:
     """One CT-like scan with `num_classes - 1` organ-like structures.
 
+    Args:
+        levels: "random": each organ at its own level drawn per case, in [-150, 300] (every tenth one bone-like,
+            400..1200): memory and time benchmarks, where what a voxel is does not matter. "fixed": organ k at
+            `fixed_levels`[k - 1] in every case, a task a net can learn (agreement of a trained many-class net).
+
     Returns:
         image: int16 (X, Y, Z) Hounsfield units: air -1000 outside an elliptic body of fat/soft tissue (-100..40),
-            organs at their own level in [-150, 300] (every tenth one bone-like, 400..1200), noise of 15 HU.
+            organs at their level, noise of 15 HU.
         label: uint8 (X, Y, Z) 0 background, 1..num_classes-1 one per organ (a later organ wins an overlap).
     """
     if not 2 <= num_classes <= 256:
         raise ValueError(f"num_classes must be in [2, 256] (uint8 labels), got {num_classes}")
+    if levels not in ("random", "fixed"):
+        raise ValueError(f"levels must be 'random' or 'fixed', got {levels!r}")
+    table = fixed_levels(num_classes)
     size = np.asarray(shape, float)
     xs = [(np.arange(s) - s / 2) / (s * 0.47) for s in shape[:2]]
     body2d = xs[0][:, None] ** 2 + xs[1][None, :] ** 2 <= 1.0  # an elliptic trunk, the same on every slice
@@ -148,6 +162,7 @@ def make_ct_case(
         inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
         box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         level = rng.uniform(400, 1200) if k % 10 == 0 else rng.uniform(-150, 300)
+        level = table[k - 1] if levels == "fixed" else level  # drawn either way: "random" cases stay as they were
         label[box][inside] = k
         image[box][inside] = level + rng.normal(0.0, 15.0, int(inside.sum()))
     return np.clip(image, -1024, 3071).astype(np.int16), label
@@ -160,10 +175,12 @@ def write_ct_dataset(
     shape: tuple[int, int, int] = (96, 96, 96),
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
     seed: int = 0,
+    levels: str = "random",
 ) -> Path:
     """A TotalSegmentator-like MSD folder: `num_cases` CT scans (int16 HU, `make_ct_case`) of `shape` voxels with
     `num_classes` labels (background included; TotalSegmentator v2 has 117 + background), saved as scanners write
-    them: LPS orientation (a negative x and y axis in the affine), `spacing` mm, a table-like origin. Returns root.
+    them: LPS orientation (a negative x and y axis in the affine), `spacing` mm, a table-like origin; `levels` as
+    in `make_ct_case`. Returns root.
 
     512x512x300 at 0.8x0.8x1.5 mm is a typical abdomen CT, 512x512x1000 at 0.8x0.8x1.0 a whole-body one."""
     root = Path(root)
@@ -174,7 +191,7 @@ def write_ct_dataset(
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
     affine[:3, 3] = [shape[0] * spacing[0] / 2, shape[1] * spacing[1] / 2 + 150.0, -shape[2] * spacing[2]]
     for i in range(num_cases):
-        image, label = make_ct_case(rng, tuple(shape), num_classes)
+        image, label = make_ct_case(rng, tuple(shape), num_classes, levels)
         name = f"ct_{i:04d}.nii.gz"
         nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / name)
         nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / name)
