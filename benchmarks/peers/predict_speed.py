@@ -3,6 +3,10 @@ default test-time mirroring and none.
 
     python benchmarks/peers/predict_speed.py --work peers_work/predict --venv peers_work/venv  # 512x512x256, 4, 118 cl.
     python benchmarks/peers/predict_speed.py --work /tmp/peers_predict --smoke                  # 64x64x48, 3 and 8
+    python benchmarks/peers/predict_speed.py --work DIR --shape 320x320x192 --mirroring none    # RESULTS.md's table
+
+On a 2-core CPU nnU-Net's unmirrored prediction of the default 512x512x256 volume alone takes about 30 minutes, a
+mirrored one about 4 hours (benchmarks/RESULTS.md, "Peers"), hence the smaller volume and no mirroring there.
 
 Per class count C, under `<work>/ct<C>/`:
 1. a TotalSegmentator-like CT folder (`write_ct_dataset`: `--cases` scans of `--shape` at `--spacing`, C classes
