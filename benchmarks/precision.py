@@ -400,7 +400,8 @@ def pool(runs: list[dict[str, Any]], stat: str = "median") -> dict[str, Any]:
     result = dict(ok[-1], runs=len(ok), steps=len(steps), step_times=steps, opt_times=opt)
     result["step_ms"] = statistics.median(steps) if stat == "median" else min(steps)
     result["step_ms_min"] = min(steps)
-    result["opt_ms"] = statistics.median(opt) if stat == "median" else min(opt)
+    # a skipped step (inf/NaN gradients: the advisor runs the closure again) has no optimizer time, as in `summary`
+    result["opt_ms"] = (statistics.median(opt) if stat == "median" else min(opt)) if opt else float("nan")
     result["opt_share"] = result["opt_ms"] / result["step_ms"]
     result["peak_mb"] = statistics.median(r["peak_mb"] for r in ok)
     result["voxels_per_s"] = result["batch"] * result["patch"] ** 3 / (result["step_ms"] / 1000.0)

