@@ -3,7 +3,6 @@
 import logging
 import os
 import re
-import time as time_module  # `time` is plan_dataset's budget argument
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +106,6 @@ def plan_dataset(
     steps at the planned patch and batch check it: a plan whose patches run over the time budget, or (CUDA)
     whose peak memory is over the memory budget, is planned again with the correction, and a log line says so.
     `net`: the DynUNet nnU-Net's rules size, or the model the user chose (`medseg.planning.nets`)."""
-    started = time_module.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     fp = read_fingerprint(root)
     train_cases = fp.num_cases - num_validation(fp.num_cases, val_fraction)
@@ -164,5 +162,4 @@ def plan_dataset(
     plan.step_seconds = seconds
     plan.notes.append(f"measured {seconds:.2f} s per step on {device}")
     training_length(plan, fp.num_cases, val_fraction)
-    plan.planning_seconds = time_module.perf_counter() - started
     return plan

@@ -22,8 +22,8 @@ def _duration(seconds: float) -> str:
 
 
 def fit_seconds(plan: TrainingPlan) -> float:
-    """`trainer.max_time`, which bounds `fit` alone: the budget less the planning and the final test pass, so that
-    the whole run fits the budget (at least half of it is left to `fit`)."""
+    """`trainer.max_time`, which bounds `fit` alone: the budget less the planning at start-up and the final test
+    pass, so that the whole run fits the budget (at least half of it is left to `fit`)."""
     budget = plan.budget.time_seconds
     return max(budget / 2, budget - plan.planning_seconds - plan.test_seconds)
 
@@ -63,8 +63,9 @@ def plan_yaml(plan: TrainingPlan) -> str:
         f"{OVERHEAD_BYTES // 2**20} MiB) of a "
         f"{plan.budget.memory / gib:.2f} "
         "GiB budget",
-        f"# time budget {_duration(plan.budget.time_seconds)} (fit {_duration(fit_seconds(plan))}: planning took "
-        f"{plan.planning_seconds:.0f} s, the final test pass is estimated at {plan.test_seconds:.0f} s)",
+        f"# time budget {_duration(plan.budget.time_seconds)} (fit {_duration(fit_seconds(plan))}: less "
+        f"{plan.planning_seconds:.0f} s of planning at start-up and {plan.test_seconds:.0f} s estimated for the "
+        "final test pass)",
         "# step "
         + (f"{plan.step_seconds:.2f} s (measured)" if plan.step_seconds else "not measured")
         + (f" ({plan.step_seconds / plan.batch:.2f} s a patch)" if plan.step_seconds else "")

@@ -133,7 +133,8 @@ class TrainingPlan:
     epochs: int | None = None  # None: no step time measured; trainer.max_time alone stops the run
     val_every: int = 1
     # Wall time the run spends outside `fit`, taken off `trainer.max_time` (which bounds `fit` alone) so that the
-    # whole run, planning to final test, fits the budget: planning at start-up, and the final test pass's estimate.
+    # whole run, planning to final test, fits the budget: planning at start-up (plan=auto; 0 for a plan file made
+    # beforehand), and the final test pass's estimate.
     planning_seconds: float = 0.0
     test_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
