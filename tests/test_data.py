@@ -48,6 +48,11 @@ def test_ct_organs_keep_their_level_in_every_case_only_when_fixed(levels):
         assert moved > 50, means
 
 
+def test_ct_levels_other_than_fixed_or_random_are_refused():
+    with pytest.raises(ValueError, match="levels must be 'random' or 'fixed', got 'fix'"):
+        make_ct_case(np.random.default_rng(0), (8, 8, 8), 3, "fix")
+
+
 def test_datamodule_synthetic_batches(tiny_dataset, tmp_path):
     dm = MSDDataModule(
         str(tiny_dataset),
