@@ -78,20 +78,24 @@ def random_checkpoint(path: Path, num_classes: int, roi: int) -> Path:
     return path
 
 
-def whole_volume_mask(predictor, data: dict) -> np.ndarray:
+def whole_volume_mask(predictor, data: dict, sums: torch.dtype | None = None) -> np.ndarray:
     """The mask as `Predictor.predict_case` made it before slab stitching: each model's whole-volume probabilities
-    (`sliding_window_probs`, C channels of the whole volume), averaged, argmax, Invertd; no postprocessing."""
+    (`sliding_window_probs`, C channels of the whole volume), averaged, argmax, Invertd; no postprocessing. `sums`:
+    MONAI's buffers in this dtype instead of the windows' (it sums in its input's dtype; each window goes back to the
+    net's dtype, exactly: the image was rounded to that dtype first)."""
     from monai.transforms import Invertd
 
     from medseg.inference.predictor import net_input
     from medseg.models.sliding_window import probs_to_labels, sliding_window_probs
 
     x = net_input(data, predictor.dtype, predictor.device)
+    sums = sums or predictor.dtype
     total = None
     with torch.no_grad():
         for net, roi, axes in zip(predictor.nets, predictor.rois, predictor.mirror_axes, strict=True):
-            probs = sliding_window_probs(net, x, roi, predictor.sw_batch_size, predictor.overlap, mirror_axes=axes,
-                                         dtype=predictor.dtype)  # fmt: skip
+            in_net_dtype = net if sums == predictor.dtype else lambda w, net=net: net(w.to(predictor.dtype))
+            probs = sliding_window_probs(in_net_dtype, x.to(sums), roi, predictor.sw_batch_size, predictor.overlap,
+                                         mirror_axes=axes, dtype=sums)  # fmt: skip
             total = probs if total is None else total.add_(probs)
     del x
     total = total.div_(len(predictor.nets)) if len(predictor.nets) > 1 else total
@@ -103,21 +107,43 @@ def whole_volume_mask(predictor, data: dict) -> np.ndarray:
     return np.asarray(pred[0]).round().astype(np.uint8)
 
 
+def split_path(path: str) -> tuple[str, str]:
+    """`whole` or `slab`, and the sums' dtype after a colon (`slab:fp16`); none given: the whole path sums in the
+    windows' dtype (MONAI), the tiles path as `Predictor`'s `sum_dtype=auto`."""
+    kind, _, sums = path.partition(":")
+    if kind not in ("whole", "slab") or sums not in ("", *DTYPES):
+        raise argparse.ArgumentTypeError(f"a path is whole or slab, with :fp32, :bf16 or :fp16 or not, got {path!r}")
+    return kind, sums
+
+
+def checked_path(path: str) -> str:
+    split_path(path)
+    return path
+
+
 def one_run(ckpt: str, image: str, dtype: str, path: str, sw_batch: int, overlap: float, mask_out: str) -> dict:
     """Worker: one case predicted by one path in this fresh process; times, peaks, and its mask saved."""
     from medseg.inference.predictor import Predictor
 
-    predictor = Predictor(ckpt, "cpu", sw_batch, overlap, mirror_axes=[], dtype=dtype, postprocessing="none")
+    kind, sums = split_path(path)
+    predictor = Predictor(ckpt, "cpu", sw_batch, overlap, mirror_axes=[], dtype=dtype, postprocessing="none",
+                          sum_dtype=sums or "auto")  # fmt: skip
     start = time.perf_counter()
     data = predictor.preprocess({"image": image})
     shape = list(data["image"].shape[1:])
     loaded = time.perf_counter()
     load_peak = peak_mib()
     reset_peak()
-    mask = predictor.predict_case(data)[0] if path == "slab" else whole_volume_mask(predictor, data)
+    if kind == "slab":
+        mask, summed = predictor.predict_case(data)[0], predictor.sum_dtype
+    else:
+        summed = DTYPES[sums] if sums else predictor.dtype
+        mask = whole_volume_mask(predictor, data, summed)
     done = time.perf_counter()
     np.save(mask_out, mask)
+    sums_name = next(name for name, d in DTYPES.items() if d == summed)
     return {"load_s": loaded - start, "predict_s": done - loaded, "seconds": done - start, "shape": shape,
+            "sums": sums_name,
             "load_peak_mib": load_peak, "predict_peak_mib": peak_mib(),
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
 
@@ -134,6 +160,19 @@ def run_one(ckpt: Path, image: Path, dtype: str, path: str, args: argparse.Names
     result = {**json.loads(out.stdout.strip().splitlines()[-1]), "load": f"{before} -> {load_avg()}"}
     print(f"  {path} {dtype} {image.name}: {result}", file=sys.stderr, flush=True)
     return result
+
+
+def compare(rows: dict[str, dict], masks: dict[str, Path], refs: dict[str, str], classes: int) -> None:
+    """Adds to each path's row (`rows[path]`) `differ<suffix>` and `Dice<suffix>` against each reference path
+    (`refs`: suffix -> path) that has a mask; the mask files are deleted."""
+    loaded = {path: np.load(m) for path, m in masks.items()}
+    for m in masks.values():
+        m.unlink()
+    for suffix, ref in refs.items():
+        for path, mask in loaded.items():
+            if ref in loaded and path != ref:
+                rows[path][f"differ{suffix}"] = f"{int((mask != loaded[ref]).sum())} of {mask.size}"
+                rows[path][f"Dice{suffix}"] = class_dice(mask, loaded[ref], classes)
 
 
 def class_dice(a: np.ndarray, b: np.ndarray, classes: int) -> str:
@@ -167,24 +206,19 @@ def predict(args: argparse.Namespace) -> list[dict]:
         for classes in args.classes:
             ckpt = random_checkpoint(work / f"unet_{classes}_{args.roi}.ckpt", classes, args.roi)
             for dtype in args.dtypes:
-                masks = {}
+                masks, group = {}, {}
                 for path in args.paths:
-                    row = {"slices": slices, "classes": classes, "dtype": dtype, "path": path}
-                    need = whole_volume_gib(args.xy, slices, args.spacing, classes, dtype)
-                    if path == "whole" and need > args.max_gb:
-                        rows.append({**row, "note": f"skipped: needs ~{need:.0f} GiB"})
+                    row = group[path] = {"slices": slices, "classes": classes, "dtype": dtype, "path": path}
+                    rows.append(row)
+                    need = whole_volume_gib(args.xy, slices, args.spacing, classes, split_path(path)[1] or dtype)
+                    if path.startswith("whole") and need > args.max_gb:
+                        row["note"] = f"skipped: needs ~{need:.0f} GiB"
                         continue
-                    mask = work / f"mask_{slices}_{classes}_{dtype}_{path}.npy"
-                    result = run_one(ckpt, image, dtype, path, args, mask)
-                    rows.append({**row, **result})
-                    if "note" not in result:
+                    mask = work / f"mask_{slices}_{classes}_{dtype}_{path.replace(':', '_')}.npy"
+                    row.update(run_one(ckpt, image, dtype, path, args, mask))
+                    if "note" not in row:
                         masks[path] = mask
-                if len(masks) == 2:
-                    a, b = (np.load(m) for m in masks.values())
-                    rows[-1]["differ"] = f"{int((a != b).sum())} of {a.size}"
-                    rows[-1]["dice"] = class_dice(a, b, classes)
-                for m in masks.values():
-                    m.unlink()
+                compare(group, masks, {"": args.paths[0], " vs exact sums": "whole:fp32"}, classes)
     print(f"\n{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.xy} x {args.xy} x S "
           f"CT at {' x '.join(map(str, args.spacing))} mm predicted at {TARGET_SPACING} mm, U-Net {args.roi}^3 "
           f"windows, overlap {args.overlap}, {args.sw_batch} a batch; one fresh process per row\n")  # fmt: skip
@@ -195,12 +229,16 @@ def predict(args: argparse.Namespace) -> list[dict]:
         timed = "seconds" in r
         table.append({
             "slices": r["slices"], "net grid": "x".join(map(str, r.get("shape", []))), "classes": r["classes"],
-            "dtype": r["dtype"], "path": r["path"], "s/case": r.get("seconds"), "load s": r.get("load_s"),
+            "dtype": r["dtype"], "path": r["path"], "sums": r.get("sums"), "s/case": r.get("seconds"),
+            "load s": r.get("load_s"),
             "predict s": r.get("predict_s"), "peak MiB": r.get("peak_mib"),
             "predict peak MiB": r.get("predict_peak_mib"),
             "time / whole": r["seconds"] / ref["seconds"] if timed and ref else None,
             "peak / whole": r["peak_mib"] / ref["peak_mib"] if timed and ref else None,
-            "differ": r.get("differ", ""), "Dice mean / min": r.get("dice", ""), "note": r.get("note", ""),
+            "differ": r.get("differ", ""), "Dice mean / min": r.get("Dice", ""),
+            **({"differ vs exact sums": r.get("differ vs exact sums", ""),
+                "Dice vs exact sums": r.get("Dice vs exact sums", "")} if "whole:fp32" in args.paths else {}),
+            "note": r.get("note", ""),
         })  # fmt: skip
     print(markdown_table(table))
     return rows
@@ -229,8 +267,9 @@ def label_map(label: Path, copies: int, work: Path) -> np.ndarray:
 
 
 def agree(args: argparse.Namespace) -> list[dict]:
-    """A trained checkpoint on real images: per image and dtype, the tiles path's mask against the whole-volume
-    path's of the same dtype, and each against FP32's whole-volume mask (no low-precision sums)."""
+    """A trained checkpoint on real images: per image and dtype, each path's mask (`--paths`) against the
+    whole-volume path's of the same dtype, against FP32's whole-volume mask, and against the same dtype's
+    whole-volume mask with FP32 sums (`whole:fp32`) where that path is listed."""
     work = Path(args.work or tempfile.mkdtemp(prefix="medseg_agree_"))
     work.mkdir(parents=True, exist_ok=True)
     missing = [str(Path(args.labels) / Path(i).name) for i in args.images if args.labels]
@@ -243,8 +282,8 @@ def agree(args: argparse.Namespace) -> list[dict]:
         image = stack_z(image, args.stack_z, work) if args.stack_z > 1 else image
         masks, grid = {}, ""
         for dtype in args.dtypes:
-            for path in ("whole", "slab"):
-                mask = work / f"mask_{dtype}_{path}.npy"
+            for path in args.paths:
+                mask = work / f"mask_{dtype}_{path.replace(':', '_')}.npy"
                 result = run_one(Path(args.ckpt), image, dtype, path, args, mask)
                 if "note" in result:
                     rows.append({"image": image.name, "dtype": dtype, "path": path, "note": result["note"]})
@@ -254,7 +293,11 @@ def agree(args: argparse.Namespace) -> list[dict]:
         classes = 1 + int(max(m.max() for m in [*masks.values(), *([truth] if truth is not None else [])]))
         for (dtype, path), m in masks.items():
             row = {"image": image.name, "net grid": grid, "dtype": dtype, "path": path}
-            refs = [("whole", masks.get((dtype, "whole"))), ("fp32 whole", masks.get(("fp32", "whole")))]
+            refs = [
+                ("whole", masks.get((dtype, "whole"))),
+                ("fp32 whole", masks.get(("fp32", "whole"))),
+                ("exact sums", masks.get((dtype, "whole:fp32"))),
+            ]
             for name, ref in [*refs, ("truth", truth)]:
                 if ref is not None and ref is not m:
                     row[f"differ vs {name}"] = int((m != ref).sum())
@@ -295,7 +338,14 @@ def main(argv: list[str] | None = None):
     p.add_argument("--xy", type=int, default=512)
     p.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 1.0))
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
-    p.add_argument("--paths", nargs="+", default=["whole", "slab"], choices=["whole", "slab"])
+    p.add_argument(
+        "--paths",
+        nargs="+",
+        default=["whole", "slab"],
+        type=checked_path,
+        help="whole or slab[:fp32|bf16|fp16] (the sums' dtype); the first is the others' reference, "
+        "and whole:fp32 (exact sums of the same net) is one too where listed",
+    )
     p.add_argument("--roi", type=int, default=128)
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--sw-batch", type=int, default=2)
@@ -306,6 +356,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--ckpt", required=True, help="a trained checkpoint or run folder")
     p.add_argument("--images", nargs="+", required=True, help="NIfTI images the checkpoint was trained for")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    p.add_argument("--paths", nargs="+", default=["whole", "slab"], type=checked_path, help="as predict's")
     p.add_argument("--stack-z", type=int, default=1, help="repeat each image N times along its third axis")
     p.add_argument("--labels", help="a folder of the images' labels (same file names): each mask's Dice vs truth")
     p.add_argument("--overlap", type=float, default=0.5)

@@ -21,7 +21,7 @@ from medseg.inference.slab_stitching import SlabStitcher, live_shape
 from medseg.inference.stitch_device import stitch_device, window_batch
 from medseg.models.sliding_window import mirror_flips
 from medseg.precision.convert import convert_net
-from medseg.precision.dtypes import inference_dtype
+from medseg.precision.dtypes import accumulation_dtype, inference_dtype
 from medseg.precision.precision_plan import PrecisionPlanError, saved_fp32_modules
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,9 @@ class Predictor:
         device: `cpu`, `cuda[:N]` or `auto` (CUDA when available).
         dtype: `fp32`, `bf16`, `fp16` or `auto` (fp16 on CUDA, bf16 on CPU): the nets are converted as the
             training plugin converts them, with the precision plan saved in each checkpoint (its FP32 modules stay
-            FP32); windows, stitching buffers and probabilities use that dtype.
+            FP32); windows use that dtype.
+        sum_dtype: the stitching sums and probabilities: `fp32`, `bf16`, `fp16` or `auto` (fp16 for bf16
+            windows, else the windows' dtype; `medseg.precision.dtypes.accumulation_dtype`).
         mirror_axes: spatial axes whose flips are averaged; None: each model as it was tested after training.
         postprocessing: `auto` (the decision stored beside the checkpoint(s), none if there is none), `none`,
             or a decision file (`medseg.inference.postprocess`).
@@ -55,6 +57,7 @@ class Predictor:
         mirror_axes: Sequence[int] | None = None,
         dtype: str = "fp32",
         postprocessing: str = "none",
+        sum_dtype: str = "auto",
     ) -> None:
         self.paths = checkpoint_paths(ckpt_path)
         ckpts = [load_checkpoint(p, allow_unsafe=allow_unsafe_checkpoint) for p in self.paths]
@@ -65,6 +68,7 @@ class Predictor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = inference_dtype(dtype, self.device)
+        self.sum_dtype = accumulation_dtype(sum_dtype, self.dtype)
         self.nets, self.mirror_axes = [], []
         for path, ckpt, model_info in zip(self.paths, ckpts, infos, strict=True):
             net = instantiate(model_info["net"])
@@ -111,19 +115,20 @@ class Predictor:
 
     def stitch(self, image: torch.Tensor, keep_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Class indices (1, 1, X, Y, Z) of a preprocessed image (1, C_in, X, Y, Z) and, with `keep_probs`, its
-        ensemble-mean probabilities (1, C, X, Y, Z) in `self.dtype`, stitched slab by slab
+        ensemble-mean probabilities (1, C, X, Y, Z) in `self.sum_dtype`, stitched slab by slab
         (`medseg.inference.slab_stitching`), on the stitching device (`inference.stitch_device`)."""
         image = image.to(self.device)
         stitcher = SlabStitcher(self.nets, self.rois, self.mirror_axes, self.sw_batch_size, self.overlap,
-                                dtype=self.dtype, device=self._buffers(image, keep_probs))  # fmt: skip
+                                dtype=self.dtype, device=self._buffers(image, keep_probs),
+                                sum_dtype=self.sum_dtype)  # fmt: skip
         return stitcher.labels_and_probs(image, keep_probs)
 
     def _buffers(self, image: torch.Tensor, keep_probs: bool) -> torch.device:
         shape = tuple(image.shape[2:]) if keep_probs else live_shape(image.shape[2:], self.rois, self.mirror_axes)
-        return stitch_device(self.device, shape, self.num_classes, self.dtype)
+        return stitch_device(self.device, shape, self.num_classes, self.sum_dtype)
 
     def probs(self, image: torch.Tensor) -> torch.Tensor:
-        """Ensemble-mean class probabilities (1, C, X, Y, Z) in `self.dtype` of a preprocessed image (1, C_in, ...),
+        """Ensemble-mean class probabilities (1, C, X, Y, Z) in `self.sum_dtype` of a preprocessed image (1, C_in, ...),
         on the stitching device."""
         probs = self.stitch(image, keep_probs=True)[1]
         assert probs is not None

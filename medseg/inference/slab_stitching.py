@@ -16,10 +16,12 @@ whole-volume output and count map on `device` (monai/inferers/utils.py, MONAI 1.
 total, so it is not used.
 
 The arithmetic is `sliding_window_probs`'s: MONAI's window grid (`dense_patch_slices`, its scan interval), its
-gaussian weights (`compute_importance_map`) and padding, sums in the image's dtype, each flip's windows laid on the
-flipped image; per tile, logits / weights -> softmax per pass -> mean over flips -> mean over models, in that order.
-Only the order in which overlapping windows are added differs (MONAI adds them in order of their first axis):
-probabilities differ by rounding, and masks only where two classes tie to rounding.
+gaussian weights (`compute_importance_map`) and padding, sums in the image's dtype (or `sum_dtype`), each flip's
+windows laid on the flipped image; per tile, logits / weights -> softmax per pass -> mean over flips -> mean over
+models, in that order. Only the order in which overlapping windows are added differs (MONAI adds them in order of
+their first axis): probabilities differ by rounding, and masks only where two classes tie to rounding. BF16 sums
+round at 2^-8; FP16 sums (nnU-Net keeps its sums in FP16) at 2^-11 in the same memory, so with BF16 windows they
+tie far less often (benchmarks/RESULTS.md, "Whole-body scale").
 """
 
 import itertools
@@ -80,8 +82,10 @@ class _Pass:
     """
 
     def __init__(self, net: Net, image: torch.Tensor, roi: Sequence[int], dims: tuple[int, ...], overlap: float,
-                 mode: str, axes: tuple[int, ...], sw_device: torch.device, device: torch.device) -> None:  # fmt: skip
+                 mode: str, axes: tuple[int, ...], sw_device: torch.device, device: torch.device,
+                 sum_dtype: torch.dtype) -> None:  # fmt: skip
         self.net, self.dims, self.axes, self.sw_device, self.device = net, dims, axes, sw_device, device
+        self.sum_dtype = sum_dtype
         self.spatial = tuple(image.shape[2:])
         self.roi = roi = tuple(fall_back_tuple(roi, self.spatial))
         # MONAI pads the (flipped) image symmetrically, the odd voxel after; after a flip "after" is "before" here
@@ -99,7 +103,7 @@ class _Pass:
         self.rows = rows = [visit_rows([w[a] for w in starts], interval[a]) for a in axes]
         starts.sort(key=lambda w: window_order(w, axes, rows))  # stable: ties keep MONAI's order
         self.windows: list[tuple[int, ...]] = starts
-        weight = compute_importance_map(roi, mode=mode, device=sw_device, dtype=image.dtype)[None, None]
+        weight = compute_importance_map(roi, mode=mode, device=sw_device, dtype=sum_dtype)[None, None]
         self.weight = weight.flip(dims) if dims else weight
         self.done = 0  # windows run so far
         self.cuts: list[list[int]] = []
@@ -165,7 +169,7 @@ class _Pass:
         x = x.flip(self.dims) if self.dims else x
         if self.device.type == "cpu":
             release_freed_memory()  # before the forward, where prediction peaks
-        out = self.net(x).to(x.dtype)
+        out = self.net(x).to(self.sum_dtype)
         out *= self.weight
         out = (out.flip(self.dims) if self.dims else out).to(self.device)
         weight = self.weight.to(self.device)
@@ -199,6 +203,11 @@ class _Pass:
         leaves the pass, the returned tensor is the caller's."""
         sums, weights = self.chunks.pop(tile)
         sums /= weights  # as MONAI normalises: in the sums' dtype, padding cropped after
+        if sums.dtype == torch.float16 and not bool(torch.isfinite(sums).all()):
+            raise FloatingPointError(
+                "the float16 sums of the windows' logits overflowed (beyond 65504): predict with sum_dtype=fp32 "
+                "(or bf16)"
+            )
         crop = [slice(None)] * 5
         for k, a in enumerate(self.axes):
             (lo, hi), before = self.block_range(k, tile[k]), self.pad[a][0]
@@ -218,6 +227,8 @@ class SlabStitcher:
         mirror_axes: per net, the spatial axes (0, 1, 2) whose flips are averaged.
         dtype: windows, sums and probabilities (None: the image's dtype; probabilities float32), as
             `sliding_window_probs` has them.
+        sum_dtype: the windows' weighted logits are summed, and the probabilities kept, in this dtype instead
+            (None: as `dtype` says). float16 sums raise FloatingPointError where a sum overflows.
         sw_device: where windows go through the nets (None: the image's device).
         device: where the sums and the results live (None: the image's device).
     """
@@ -233,6 +244,7 @@ class SlabStitcher:
         dtype: torch.dtype | None = None,
         sw_device: torch.device | str | None = None,
         device: torch.device | str | None = None,
+        sum_dtype: torch.dtype | None = None,
     ) -> None:
         if not (len(nets) == len(rois) == len(mirror_axes)) or not nets:
             raise ValueError(f"one roi and one mirror_axes per net: {len(nets)} nets, {len(rois)} rois, "
@@ -240,7 +252,7 @@ class SlabStitcher:
         self.nets, self.rois = list(nets), [tuple(r) for r in rois]
         self.flips = [mirror_flips(axes) for axes in mirror_axes]
         self.sw_batch_size, self.overlap, self.mode, self.dtype = sw_batch_size, overlap, mode, dtype
-        self.sw_device, self.device = sw_device, device
+        self.sw_device, self.device, self.sum_dtype = sw_device, device, sum_dtype
         self._passes: list[list[_Pass]] = []  # the passes of the image being stitched
 
     def held(self) -> int:
@@ -251,19 +263,23 @@ class SlabStitcher:
     def tiles(self, image: torch.Tensor) -> Iterator[Tile]:
         """The finished tiles of an image (1, C_in, X, Y, Z), each as soon as the windows that reach it have run
         (roughly in order along the longest axis, `tile_axes`); each `Tile.probs` (1, C, ...) is the ensemble-mean
-        probability in `dtype` (float32 when `dtype` is None)."""
+        probability in `sum_dtype`, else `dtype` (float32 when both are None)."""
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
         if image.shape[0] != 1:
             raise ValueError(f"one image at a time, got a batch of {image.shape[0]}")
         if self.dtype is not None:
             image = image.to(self.dtype)
-        out_dtype = self.dtype or torch.float32
+        out_dtype = self.sum_dtype or self.dtype or torch.float32
+        sum_dtype = self.sum_dtype or image.dtype
         spatial = tuple(image.shape[2:])
         axes = tile_axes(spatial)
         sw_device = torch.device(self.sw_device or image.device)
         device = torch.device(self.device or image.device)
         self._passes = passes = [
-            [_Pass(net, image, roi, dims, self.overlap, self.mode, axes, sw_device, device) for dims in flips]
+            [
+                _Pass(net, image, roi, dims, self.overlap, self.mode, axes, sw_device, device, sum_dtype)
+                for dims in flips
+            ]
             for net, roi, flips in zip(self.nets, self.rois, self.flips, strict=True)
         ]
         # cut where any window starts (a tile is finished as soon as the windows reaching it have run) or ends (so
@@ -301,7 +317,7 @@ class SlabStitcher:
         self, image: torch.Tensor, keep_probs: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Class indices (1, 1, X, Y, Z) (`label_dtype`) of the most probable class, on `device`; with
-        `keep_probs` also the probabilities (1, C, X, Y, Z) in `dtype` (float32 when None), gathered tile by tile."""
+        `keep_probs` also the probabilities (1, C, X, Y, Z) (dtype as `tiles` says), gathered tile by tile."""
         labels, probs = None, None
         for tile in self.tiles(image):
             if labels is None:

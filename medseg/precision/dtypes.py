@@ -44,6 +44,17 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def accumulation_dtype(name: str, window_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of `medseg.predict sum_dtype=`, the sliding windows' sums: `fp32`, `bf16`, `fp16`, or `auto`:
+    float16 for BF16 windows (eight times finer rounding in the same memory, nnU-Net's choice; benchmarks/RESULTS.md,
+    "Whole-body scale"), else the windows' own dtype."""
+    if name == "auto":
+        return torch.float16 if window_dtype == torch.bfloat16 else window_dtype
+    if name not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"sum_dtype must be fp32, bf16, fp16 or auto, got {name!r}")
+    return DTYPES[name]
+
+
 def lightning_low_dtype(precision: str) -> torch.dtype | None:
     """The low dtype of a Lightning precision string (``"16-mixed"``, ``"bf16-true"``...); None for FP32/64."""
     dtype = DTYPES.get(str(precision).split("-")[0])
