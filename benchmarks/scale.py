@@ -16,8 +16,11 @@ stitch tile by tile, argmax, `invert_labels` back to 512 x 512 x S; no mirroring
 (slices, classes, dtype, path) runs in a fresh process; peak = that process' peak RSS (`ru_maxrss`, everything
 included: Python, torch, the image as loaded), `predict peak` = the peak after preprocessing (VmHWM reset through
 /proc/self/clear_refs). The whole-volume path is skipped where it would need more than `--max-gb` (its buffers:
-C + 1 channels of the preprocessed volume). `differ`: voxels whose class differs between the two paths; `Dice mean
-/ min`: the two paths' masks against each other, over the classes present.
+C + 1 channels of the preprocessed volume). A path may name the sums' dtype: `slab:bf16`, `whole:fp32` (the
+whole-volume path with exact sums of the same net's windows); `slab` alone sums as `medseg.predict` does
+(`sum_dtype=auto`: FP16 for BF16 windows), `whole` alone in the windows' dtype (MONAI). `differ`: voxels whose class
+differs from the first path's mask; `Dice mean / min`: against it, over the classes present; `... vs exact sums`:
+the same against `whole:fp32`, where that path is listed.
 `agree`: a trained checkpoint on real images (a random net's classes are near-ties everywhere, so its Dice measures
 rounding more than a user would see): each dtype's tiles-path mask against its whole-volume mask and against FP32's,
 and with `--labels` against the truth. `generate --levels fixed` writes CT whose organ k keeps its HU level in every

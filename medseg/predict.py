@@ -112,6 +112,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         cfg.mirror_axes,
         cfg.dtype,
         cfg.postprocessing,
+        cfg.get("sum_dtype", "auto"),
     )
     todo, skipped = pending(inputs, output, cfg.overwrite, cfg.save_probs, formats)
     if skipped:

@@ -187,9 +187,9 @@ def test_bundle_predicts_like_medseg(fmt, dtype, one_channel_run, tmp_path):
     if dtype == "fp32":
         _assert_same_masks(run_dir, inputs, tmp_path / "bundle_out", tmp_path)
     else:
-        # medseg.predict dtype=bf16 sums the windows in BF16, the bundle in FP32: they may part at near-ties, which
-        # this barely trained net has many of. The bundle must stay as close to medseg's BF16 masks as BF16 itself
-        # moves them from FP32's (and the net must really compute in BF16).
+        # medseg.predict dtype=bf16 sums the windows in FP16 (sum_dtype=auto), the bundle in FP32: they may part at
+        # near-ties, which this barely trained net has many of. The bundle must stay as close to medseg's BF16 masks
+        # as BF16 itself moves them from FP32's (and the net must really compute in BF16).
         bf16, fp32 = (_medseg_masks(run_dir, inputs, tmp_path / d, d) for d in ("bf16", "fp32"))
         for image in sorted(inputs.iterdir()):
             got, want, full = (

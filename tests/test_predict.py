@@ -18,6 +18,7 @@ from medseg.inference import postprocess
 from medseg.inference.cases import save_mask
 from medseg.inference.stitch_device import WINDOW_BATCH_BYTES, stitch_device, window_batch
 from medseg.models.sliding_window import mirror_flips, sliding_window_probs
+from medseg.precision.dtypes import accumulation_dtype
 from medseg.precision.state import saved_state
 from medseg.predict import CasesFailed, Predictor, predict
 from medseg.reliability.atomic_io import write_atomic
@@ -86,6 +87,21 @@ def test_predict_refuses_bad_mirror_axes_before_writing(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"mirror_axes: must list spatial axes 0, 1 or 2, got \[0, 4\]"):
         predict(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_an_unknown_sum_dtype_before_writing(checkpoint, tmp_path):
+    _odd_input(tmp_path / "in")
+    cfg = predict_cfg(checkpoint, tmp_path / "in", tmp_path / "out", "sum_dtype=fp64")
+    with pytest.raises(ValueError, match="sum_dtype must be fp32, bf16, fp16 or auto, got 'fp64'"):
+        predict(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sum_dtype_auto_is_fp16_for_bf16_windows_only():
+    assert accumulation_dtype("auto", torch.bfloat16) == torch.float16
+    assert accumulation_dtype("auto", torch.float16) == torch.float16
+    assert accumulation_dtype("auto", torch.float32) == torch.float32
+    assert accumulation_dtype("fp32", torch.bfloat16) == torch.float32
 
 
 @pytest.mark.parametrize("where", ["same", "inside"])
@@ -163,7 +179,8 @@ def _folder(folder, n=2, shapes=((30, 26, 22), (34, 30, 24))):
 
 
 def test_low_precision_net_keeps_norms_fp32_and_agrees_with_fp32(checkpoint, tmp_path):
-    """bf16: convs converted as the training plugin does (norms FP32), probabilities in bf16; masks nearly equal."""
+    """bf16: convs converted as the training plugin does (norms FP32), sums and probabilities in fp16
+    (`sum_dtype=auto`); masks nearly equal."""
     fp32, bf16 = (
         Predictor(str(checkpoint), "cpu", dtype="fp32"),
         Predictor(str(checkpoint), "cpu", dtype="bf16"),
@@ -174,7 +191,7 @@ def test_low_precision_net_keeps_norms_fp32_and_agrees_with_fp32(checkpoint, tmp
     assert norms and all(b.dtype == torch.float32 for m in norms for b in m.parameters())
     data = fp32.preprocess({"image": str(_odd_input(tmp_path / "in"))})
     p32, p16 = fp32.probs(data["image"].unsqueeze(0)), bf16.probs(data["image"].unsqueeze(0))
-    assert p32.dtype == torch.float32 and p16.dtype == torch.bfloat16
+    assert p32.dtype == torch.float32 and p16.dtype == torch.float16
     assert not torch.equal(p32, p16.float())  # really another computation
     agree = (p32.argmax(1) == p16.argmax(1)).float().mean().item()
     assert agree > 0.99, agree
@@ -405,7 +422,7 @@ def test_low_precision_prediction_keeps_the_checkpoint_plans_fp32_modules(planne
     fp32 = Predictor(str(planned_checkpoint), "cpu", dtype="fp32")
     image = fp32.preprocess({"image": str(_odd_input(tmp_path / "in"))})["image"][None]
     p16, p32 = predictor.probs(image), fp32.probs(image)  # the FP32 block hands BF16 on to the rest
-    assert p16.dtype == torch.bfloat16 and (p16.argmax(1) == p32.argmax(1)).float().mean() > 0.99
+    assert p16.dtype == torch.float16 and (p16.argmax(1) == p32.argmax(1)).float().mean() > 0.99
 
 
 def test_test_pass_keeps_the_checkpoint_plans_fp32_modules(planned_checkpoint, tiny_cfg):
