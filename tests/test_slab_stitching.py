@@ -4,7 +4,7 @@ prediction (`sliding_window_probs`, MONAI's `sliding_window_inference`): same ma
 import pytest
 import torch
 
-from medseg.inference.slab_stitching import SlabStitcher, label_dtype, live_shape
+from medseg.inference.slab_stitching import SlabStitcher, in_dtype, label_dtype, live_shape
 from medseg.inference.window_order import cut_axis, tile_axes
 from medseg.models.sliding_window import probs_to_labels, sliding_window_probs
 
@@ -110,6 +110,16 @@ def test_fp16_sums_of_bf16_windows_round_less_than_bf16_sums(shape, roi, axes):
     assert changed[torch.bfloat16] > 50 and changed[torch.float16] * 4 < changed[torch.bfloat16], changed
     assert error[torch.float16] * 4 < error[torch.bfloat16], error  # 2^-11 against 2^-8: about 8x
     assert changed[torch.float32] == 0 and error[torch.float32] < 1e-6, (changed, error)  # FP32 sums: exact
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_logits_change_dtype_in_their_own_memory_as_to_would(layout):
+    logits = (100 * torch.randn(2, 5, 6, 7, 8)).to(torch.bfloat16).contiguous(memory_format=layout)
+    logits[0, 0, 0, 0, :3] = torch.tensor([1e30, -1e30, 1e-30])  # past FP16's range both ways
+    want, where = logits.to(torch.float16), logits.data_ptr()
+    got = in_dtype(logits, torch.float16)
+    assert got.dtype == torch.float16 and got.data_ptr() == where and torch.equal(got, want)
+    assert torch.equal(in_dtype(got, torch.float32), want.float())  # another size: a new tensor
 
 
 def test_fp16_sums_that_overflow_raise():
