@@ -66,8 +66,9 @@ def _scale():
     ],
 )
 def test_cli_masks_equal_whole_volume_masks(two_checkpoints, tmp_path, dtype, models, mirror):
-    """fp32, a 2-checkpoint ensemble with 8 flips: the same mask. bf16: sums round in another order, so a voxel
-    may change class only where two classes tied; the masks' Dice stays >= 0.999."""
+    """fp32, a 2-checkpoint ensemble with 8 flips: the same mask. bf16: the tiles' FP16 sums (`sum_dtype=auto`)
+    round less than MONAI's BF16 ones, so the mask is closer to the exact sums' mask (the whole-volume path with FP32
+    buffers) than that path's own, and its Dice against it stays >= 0.999 on this barely trained net."""
     src = _long_scan(tmp_path / "in")
     ckpts = two_checkpoints[:models]
     ckpt_arg = f"[{','.join(map(str, ckpts))}]"
@@ -82,15 +83,16 @@ def test_cli_masks_equal_whole_volume_masks(two_checkpoints, tmp_path, dtype, mo
                           dtype=dtype, **settings)  # fmt: skip
     data = predictor.preprocess({"image": str(src)})
     assert max(data["image"].shape[1:]) > 2 * max(predictor.rois[0])  # several slabs along Z
-    want = _scale().whole_volume_mask(predictor, data)
+    want = _scale().whole_volume_mask(predictor, data, torch.float32)  # exact sums (of BF16 windows for bf16)
     assert mask.shape == want.shape == (30, 26, 110) and len(np.unique(want)) == 3
     if dtype == "fp32":
         np.testing.assert_array_equal(mask, want)
     else:
-        differ = (mask != want).mean()
+        monai_bf16 = _scale().whole_volume_mask(predictor, predictor.preprocess({"image": str(src)}))
+        differ, before = (mask != want).mean(), (monai_bf16 != want).mean()
         dice = [2 * ((mask == c) & (want == c)).sum() / ((mask == c).sum() + (want == c).sum()) for c in (1, 2)]
-        print(f"bf16: {differ:.2e} of the voxels differ; Dice per class {dice}")
-        assert differ < 1e-3 and min(dice) >= 0.999, (differ, dice)
+        print(f"bf16: {differ:.2e} of the voxels differ from exact sums (MONAI's BF16 sums: {before:.2e}); {dice}")
+        assert differ < before and min(dice) >= 0.999, (differ, before, dice)
 
 
 @pytest.mark.slow  # two fresh processes: ~20 s alone, minutes on a loaded machine
