@@ -130,6 +130,14 @@ def test_agreement_refuses_a_stack_of_no_copies(capsys):
     assert "--stack-z must be at least 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["predict", "agree"])
+def test_scale_refuses_an_unknown_path_or_sums_dtype(command, capsys):
+    args = ["--ckpt", "x.ckpt", "--images", "x.nii.gz"] if command == "agree" else ["--smoke"]
+    with pytest.raises(SystemExit):
+        _scale().main([command, *args, "--paths", "whole", "slab:int8"])
+    assert "a path is whole or slab, with :fp32, :bf16 or :fp16 or not, got 'slab:int8'" in capsys.readouterr().err
+
+
 def test_agreement_names_a_missing_label_before_predicting(tmp_path):
     scan = _long_scan(tmp_path / "in")
     (scan.parent / "labels" / "long.nii.gz").unlink()
